@@ -1,0 +1,33 @@
+# Two entry points (see README): `make run` (install + whole DAG on the embedded default)
+# and `make test` (install + test suite). Everything installs into ./.venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CORES  ?= 2
+
+.PHONY: install run test lint schema clean-results
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, from the CPU wheel on disk; a bare `torch` requirement would pull a CUDA build.
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/snakemake --cores $(CORES) all
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/snakemake --lint
+
+schema: install
+	$(BIN)/python -m poserft.config --write-schema schemas/config.schema.yaml
+
+clean-results:
+	rm -rf results logs .snakemake/metadata

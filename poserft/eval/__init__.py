@@ -1,0 +1,1 @@
+"""Evaluation: metrics (MPJPE, PA-MPJPE, Recall@K), benchmark runners, tables, plots."""

@@ -1,0 +1,349 @@
+"""Evaluation metrics: MPJPE, PA-MPJPE (millimetres) and text<->pose Recall@K (percent).
+
+All functions are batched torch; numpy inputs are accepted (joint metrics then return
+numpy). Joints are in metres; errors are reported in millimetres. Internally float64 so
+that reported numbers do not depend on the caller's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["mpjpe", "pa_mpjpe", "similarity_procrustes", "retrieval_recall",
+           "sample_retrieval_candidates"]
+
+_MM_PER_M = 1000.0
+
+
+# ----------------------------------------------------------------------------- joints --
+def _to_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64)
+    if isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+        return torch.as_tensor(np.asarray(x, dtype=np.float64))
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def _check_joint_pair(pred, gt) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """-> pred, gt as float64 (B,J,3) tensors on one device, and whether to return numpy."""
+    as_numpy = not isinstance(pred, torch.Tensor) and not isinstance(gt, torch.Tensor)
+    pred_t, gt_t = _to_tensor(pred, "pred"), _to_tensor(gt, "gt")
+    for name, x in (("pred", pred_t), ("gt", gt_t)):
+        if x.dim() != 3 or x.shape[-1] != 3:
+            raise ValueError(f"{name} must have shape (B, J, 3) (joints in metres), "
+                             f"got {tuple(x.shape)}")
+    if pred_t.shape != gt_t.shape:
+        raise ValueError(f"pred and gt shapes differ: {tuple(pred_t.shape)} vs "
+                         f"{tuple(gt_t.shape)} (same joint set and batch needed; see "
+                         f"poserft.body.kinematics.JOINT_SETS)")
+    if pred_t.shape[0] == 0 or pred_t.shape[1] == 0:
+        raise ValueError(f"empty input: pred/gt have shape {tuple(pred_t.shape)}")
+    for name, x in (("pred", pred_t), ("gt", gt_t)):
+        finite = torch.isfinite(x).reshape(x.shape[0], -1).all(-1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()[:5, 0].tolist()
+            raise ValueError(f"{name} contains NaN or inf joints (first bad samples: {bad})")
+    gt_t = gt_t.to(pred_t.device)
+    return pred_t, gt_t, as_numpy
+
+
+def _output(err_mm: torch.Tensor, like, as_numpy: bool):
+    if as_numpy:
+        return err_mm.cpu().numpy()
+    dtype = like.dtype if isinstance(like, torch.Tensor) and like.is_floating_point() \
+        else torch.float64
+    return err_mm.to(dtype)
+
+
+def _root_of(joints: torch.Tensor, root: int | Sequence[int]) -> torch.Tensor:
+    """(B,J,3) -> (B,1,3): one joint, or the mean of several (e.g. the hips of LSP-14)."""
+    index = [root] if isinstance(root, (int, np.integer)) else list(root)
+    num_joints = joints.shape[1]
+    if not index or any(not (0 <= int(i) < num_joints) for i in index):
+        raise ValueError(f"root={root!r} is not a valid joint index (or list of indices) "
+                         f"for {num_joints} joints")
+    return joints[:, [int(i) for i in index]].mean(dim=1, keepdim=True)
+
+
+def mpjpe(pred, gt, root: int | Sequence[int] | None = 0):
+    """Mean per-joint position error, (B,) millimetres.
+
+    Args:
+        pred, gt: (B,J,3) joints in metres (torch or numpy).
+        root: joint index (or indices, averaged: use ``(2, 3)``, the hips, for LSP-14)
+            subtracted from both before comparing; ``None`` compares absolute positions.
+    """
+    pred_t, gt_t, as_numpy = _check_joint_pair(pred, gt)
+    if root is not None:
+        pred_t = pred_t - _root_of(pred_t, root)
+        gt_t = gt_t - _root_of(gt_t, root)
+    err = torch.linalg.vector_norm(pred_t - gt_t, dim=-1).mean(dim=-1) * _MM_PER_M
+    return _output(err, pred, as_numpy)
+
+
+def similarity_procrustes(pred: torch.Tensor, gt: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best similarity transform of ``pred`` onto ``gt`` per sample (Umeyama / Kabsch).
+
+    Minimises ``|| s * pred @ R + t - gt ||`` over scale s > 0, proper rotation R
+    (det +1: a reflection is never used, the last singular direction is flipped instead)
+    and translation t, in row-vector convention.
+
+    Args:
+        pred, gt: (B,J,3) float tensors.
+    Returns:
+        aligned pred (B,J,3), scale (B,), R (B,3,3), t (B,3).
+    """
+    mu_pred = pred.mean(dim=1, keepdim=True)
+    mu_gt = gt.mean(dim=1, keepdim=True)
+    x = pred - mu_pred
+    y = gt - mu_gt
+    cross = x.transpose(1, 2) @ y                                      # (B,3,3)
+    u, sing, vh = torch.linalg.svd(cross)
+    # Flip the weakest direction when U @ Vh would be a reflection.
+    # det(U Vh) = det(U) det(Vh); elementwise 3x3 products beat batched tiny matmuls on CPU.
+    sign = torch.sign(torch.linalg.det(u) * torch.linalg.det(vh))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    flip = torch.ones_like(sing)
+    flip[:, -1] = sign
+    rot = ((u * flip[:, None, :])[:, :, :, None] * vh[:, None, :, :]).sum(2)
+    var_pred = x.square().sum(dim=(1, 2))
+    # All-coincident predictions have no scale: s = 0 maps them to gt's centroid.
+    scale = (sing * flip).sum(-1) / var_pred.clamp_min(torch.finfo(pred.dtype).tiny)
+    aligned = scale[:, None, None] * (x @ rot) + mu_gt
+    transl = mu_gt[:, 0] - scale[:, None] * (mu_pred @ rot)[:, 0]
+    return aligned, scale, rot, transl
+
+
+def pa_mpjpe(pred, gt):
+    """Procrustes-aligned MPJPE, (B,) millimetres: per sample, ``pred`` is aligned to
+    ``gt`` by the best similarity transform (:func:`similarity_procrustes`) first."""
+    pred_t, gt_t, as_numpy = _check_joint_pair(pred, gt)
+    aligned, _, _, _ = similarity_procrustes(pred_t, gt_t)
+    err = torch.linalg.vector_norm(aligned - gt_t, dim=-1).mean(dim=-1) * _MM_PER_M
+    return _output(err, pred, as_numpy)
+
+
+# -------------------------------------------------------------------------- retrieval --
+# Rows x candidates per scoring chunk: bounds memory at ~32 MB of float64 scores.
+_CHUNK_ELEMENTS = 1 << 22
+# Below this population size, sample without replacement by sorting random keys;
+# above it, draw with replacement and redraw duplicates (much cheaper when pop >> count).
+_KEYS_METHOD_MAX_POP = 1024
+
+
+def _check_retrieval_inputs(text_emb, pose_emb, caption_to_pose
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    text = _to_tensor(text_emb, "text_emb")
+    pose = _to_tensor(pose_emb, "pose_emb")
+    for name, x in (("text_emb", text), ("pose_emb", pose)):
+        if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{name} must have shape (rows > 0, D > 0), got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+    if text.shape[1] != pose.shape[1]:
+        raise ValueError(f"embedding widths differ: text_emb D={text.shape[1]}, "
+                         f"pose_emb D={pose.shape[1]}")
+    c2p = caption_to_pose
+    c2p = c2p.detach().cpu() if isinstance(c2p, torch.Tensor) else torch.as_tensor(np.asarray(c2p))
+    if c2p.dim() != 1 or c2p.shape[0] != text.shape[0]:
+        raise ValueError(f"caption_to_pose must have shape ({text.shape[0]},) (one pose index "
+                         f"per caption), got {tuple(c2p.shape)}")
+    if c2p.is_floating_point() or c2p.dtype == torch.bool:
+        raise ValueError(f"caption_to_pose must hold integer pose indices, got {c2p.dtype}")
+    c2p = c2p.long()
+    if bool((c2p < 0).any()) or bool((c2p >= pose.shape[0]).any()):
+        raise ValueError(f"caption_to_pose values must lie in [0, {pose.shape[0]}) "
+                         f"(number of poses); got min {int(c2p.min())}, max {int(c2p.max())}")
+    return text, pose.to(text.device), c2p.to(text.device)
+
+
+def _sample_distinct(pop_sizes: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    """For each row r, ``count`` distinct integers drawn uniformly from [0, pop_sizes[r]).
+
+    Args: pop_sizes (R,) long, all >= count. Returns (R, count) long.
+    """
+    rows = pop_sizes.shape[0]
+    pop_max = int(pop_sizes.max()) if rows else 0
+    out = torch.empty(rows, count, dtype=torch.long)
+    if rows == 0:
+        return out
+    if pop_max <= _KEYS_METHOD_MAX_POP:
+        # The `count` smallest of i.i.d. uniform keys form a uniform random subset.
+        step = max(1, _CHUNK_ELEMENTS // pop_max)
+        positions = torch.arange(pop_max)
+        for lo in range(0, rows, step):
+            pops = pop_sizes[lo:lo + step]
+            keys = torch.rand(pops.shape[0], pop_max, generator=gen)
+            keys.masked_fill_(positions[None, :] >= pops[:, None], 2.0)
+            out[lo:lo + step] = keys.topk(count, dim=1, largest=False).indices
+        return out
+    # Draw with replacement, then redraw the repeated values until all are distinct. The
+    # procedure is invariant to relabelling the population, so the final subset is uniform.
+    out = (torch.rand(rows, count, generator=gen, dtype=torch.float64)
+           * pop_sizes[:, None]).long().clamp_max_(pop_sizes[:, None] - 1)
+    for _ in range(10_000):
+        out, _ = out.sort(dim=1)
+        dup = torch.zeros_like(out, dtype=torch.bool)
+        dup[:, 1:] = out[:, 1:] == out[:, :-1]
+        n_dup = int(dup.sum())
+        if n_dup == 0:
+            return out
+        dup_rows = dup.nonzero()[:, 0]
+        redraw = torch.rand(n_dup, generator=gen, dtype=torch.float64) * pop_sizes[dup_rows]
+        out[dup] = torch.minimum(redraw.long(), pop_sizes[dup_rows] - 1)
+    raise RuntimeError("sampling distinct candidates did not converge")  # pragma: no cover
+
+
+def sample_retrieval_candidates(caption_to_pose, num_poses: int, n_candidates: int = 32,
+                                repeats: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random candidate sets of the 'sampled' Recall@K protocol (design.md, protocol 2).
+
+    Per query and repeat, ``n_candidates - 1`` distinct distractors are drawn uniformly:
+    * text->pose: query = every caption m; distractors = poses other than its pose.
+    * pose->text: query = every pose with at least one caption; its ground truth is one of
+      its captions drawn uniformly per repeat; distractors = captions of other poses.
+
+    Returns a dict of long tensors (L = n_candidates - 1, Q = poses with captions):
+    ``t2p_distractors (M,R,L)`` pose ids, ``p2t_poses (Q,)``, ``p2t_gt (Q,R)`` caption ids,
+    ``p2t_distractors (Q,R,L)`` caption ids. Deterministic given ``seed``.
+    """
+    if isinstance(caption_to_pose, torch.Tensor):
+        c2p = caption_to_pose.detach().cpu().long()
+    else:
+        c2p = torch.as_tensor(np.asarray(caption_to_pose)).long()
+    if c2p.dim() != 1 or (c2p.numel() and (int(c2p.min()) < 0 or int(c2p.max()) >= num_poses)):
+        raise ValueError(f"caption_to_pose must be a 1-D array of pose indices in "
+                         f"[0, {num_poses}), got shape {tuple(c2p.shape)}")
+    num_captions = c2p.shape[0]
+    n_distract = n_candidates - 1
+    if n_candidates < 2 or repeats < 1:
+        raise ValueError(f"n_candidates must be >= 2 and repeats >= 1, got {n_candidates}, "
+                         f"{repeats}")
+    if num_poses - 1 < n_distract:
+        raise ValueError(
+            f"sampled Recall@K (text->pose) needs n_candidates-1={n_distract} distractor poses "
+            f"but only {num_poses - 1} other poses exist; use protocol='full' or a smaller "
+            f"n_candidates")
+    counts = torch.bincount(c2p, minlength=num_poses)
+    poses = counts.nonzero()[:, 0]
+    other_captions = num_captions - counts[poses]
+    if bool((other_captions < n_distract).any()):
+        worst = int(poses[other_captions.argmin()])
+        raise ValueError(
+            f"sampled Recall@K (pose->text) needs n_candidates-1={n_distract} captions of other "
+            f"poses for every pose, but pose {worst} has only {int(other_captions.min())}; use "
+            f"protocol='full' or a smaller n_candidates")
+    gen = torch.Generator().manual_seed(int(seed))
+
+    gt_pose = c2p.repeat_interleave(repeats)                              # (M*R,)
+    pick = _sample_distinct(torch.full_like(gt_pose, num_poses - 1), n_distract, gen)
+    pick += (pick >= gt_pose[:, None]).long()                             # skip the gt pose
+    t2p = pick.reshape(num_captions, repeats, n_distract)
+
+    order = torch.argsort(c2p, stable=True)            # captions grouped by pose
+    starts = torch.cumsum(counts, 0) - counts
+    q_count = counts[poses].repeat_interleave(repeats)                    # (Q*R,)
+    q_start = starts[poses].repeat_interleave(repeats)
+    gt_pos = q_start + torch.minimum(
+        (torch.rand(q_count.shape[0], generator=gen, dtype=torch.float64) * q_count).long(),
+        q_count - 1)
+    pos = _sample_distinct(num_captions - q_count, n_distract, gen)
+    pos += q_count[:, None] * (pos >= q_start[:, None]).long()            # skip own block
+    return {
+        "t2p_distractors": t2p,
+        "p2t_poses": poses,
+        "p2t_gt": order[gt_pos].reshape(-1, repeats),
+        "p2t_distractors": order[pos].reshape(-1, repeats, n_distract),
+    }
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def retrieval_recall(text_emb, pose_emb, caption_to_pose, ks: Sequence[int] = (5, 10, 20),
+                     protocol: str = "full", n_candidates: int = 32, repeats: int = 10,
+                     seed: int = 0, normalize: bool = True) -> dict[str, float]:
+    """Text<->pose Recall@K in percent (0..100), plus ``mRecall`` (mean of all values).
+
+    Args:
+        text_emb: (M,D) caption embeddings; pose_emb: (N,D) pose embeddings.
+        caption_to_pose: (M,) int, the pose each caption describes.
+        ks: the K values; keys are ``t2p_R@K`` and ``p2t_R@K`` for each K.
+        protocol: 'full' ranks every query against the whole set: t2p, the rank of the
+            caption's pose among all N poses; p2t (poses that have captions), a hit if any
+            of the pose's captions is among the top K of all M captions. 'sampled' uses
+            ``n_candidates`` candidates (ground truth + random distractors) per query,
+            ``repeats`` times, seeded (see :func:`sample_retrieval_candidates`); the value
+            is the mean hit rate over repeats and queries.
+        normalize: L2-normalise embeddings first (cosine similarity); else dot products.
+    Ties count against the query (a distractor scoring equal to the ground truth beats it).
+    """
+    if protocol not in ("full", "sampled"):
+        raise ValueError(f"protocol must be 'full' or 'sampled', got {protocol!r}")
+    ks = tuple(int(k) for k in ks)
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if protocol == "sampled" and max(ks) > n_candidates:
+        raise ValueError(f"K={max(ks)} exceeds n_candidates={n_candidates}: every query "
+                         f"would trivially hit")
+    text, pose, c2p = _check_retrieval_inputs(text_emb, pose_emb, caption_to_pose)
+    if normalize:
+        text, pose = _normalise(text), _normalise(pose)
+    num_captions, num_poses = text.shape[0], pose.shape[0]
+    k_tensor = torch.tensor(ks, device=text.device)
+
+    if protocol == "full":
+        t2p_beaten = torch.empty(num_captions, dtype=torch.long, device=text.device)
+        step = max(1, _CHUNK_ELEMENTS // num_poses)
+        for lo in range(0, num_captions, step):
+            scores = text[lo:lo + step] @ pose.T                                 # (n,N)
+            gt = scores.gather(1, c2p[lo:lo + step, None])
+            t2p_beaten[lo:lo + step] = (scores >= gt).sum(1) - 1                 # minus itself
+        poses = torch.unique(c2p)
+        p2t_beaten = torch.empty(poses.shape[0], dtype=torch.long, device=text.device)
+        step = max(1, _CHUNK_ELEMENTS // num_captions)
+        for lo in range(0, poses.shape[0], step):
+            ids = poses[lo:lo + step]
+            scores = pose[ids] @ text.T                                          # (n,M)
+            own = c2p[None, :] == ids[:, None]
+            best_own = scores.masked_fill(~own, -torch.inf).amax(1, keepdim=True)
+            p2t_beaten[lo:lo + step] = ((scores >= best_own) & ~own).sum(1)
+        t2p_hits = (t2p_beaten[:, None] < k_tensor).double().mean(0)
+        p2t_hits = (p2t_beaten[:, None] < k_tensor).double().mean(0)
+    else:
+        cand = {k: v.to(text.device) for k, v in sample_retrieval_candidates(
+            c2p.cpu(), num_poses, n_candidates, repeats, seed).items()}
+        n_distract = n_candidates - 1
+        t2p_sum = torch.zeros(len(ks), dtype=torch.float64, device=text.device)
+        step = max(1, _CHUNK_ELEMENTS // max(num_poses, repeats * n_distract))
+        for lo in range(0, num_captions, step):
+            scores = text[lo:lo + step] @ pose.T                                 # (n,N)
+            n = scores.shape[0]
+            gt = scores.gather(1, c2p[lo:lo + step, None])                       # (n,1)
+            dis = scores.gather(1, cand["t2p_distractors"][lo:lo + step].reshape(n, -1))
+            beaten = (dis.reshape(n, repeats, n_distract) >= gt[:, :, None]).sum(-1)  # (n,R)
+            t2p_sum += (beaten[..., None] < k_tensor).double().sum((0, 1))
+        t2p_hits = t2p_sum / (num_captions * repeats)
+        poses = cand["p2t_poses"]
+        p2t_sum = torch.zeros(len(ks), dtype=torch.float64, device=text.device)
+        step = max(1, _CHUNK_ELEMENTS // max(num_captions, repeats * n_distract))
+        for lo in range(0, poses.shape[0], step):
+            scores = pose[poses[lo:lo + step]] @ text.T                          # (n,M)
+            n = scores.shape[0]
+            gt = scores.gather(1, cand["p2t_gt"][lo:lo + step])                  # (n,R)
+            dis = scores.gather(1, cand["p2t_distractors"][lo:lo + step].reshape(n, -1))
+            beaten = (dis.reshape(n, repeats, n_distract) >= gt[:, :, None]).sum(-1)
+            p2t_sum += (beaten[..., None] < k_tensor).double().sum((0, 1))
+        p2t_hits = p2t_sum / (poses.shape[0] * repeats)
+
+    result = {}
+    for direction, hits in (("t2p", t2p_hits), ("p2t", p2t_hits)):
+        for k, value in zip(ks, hits.tolist()):
+            result[f"{direction}_R@{k}"] = 100.0 * value
+    result["mRecall"] = float(np.mean(list(result.values())))
+    return result
