@@ -1,0 +1,120 @@
+"""AMASS (SMPL+H G / SMPL-X G npz per sequence) -> pose-only split files.
+
+Raw layout (``root``)::
+
+    <SubDataset>/<subject>/<sequence>_poses.npz    SMPL+H G release
+        poses (T,156) axis-angle: root, 21 body joints, 2 x 15 finger joints
+        trans (T,3) metres, betas (16,), gender, mocap_framerate
+    <SubDataset>/<subject>/<sequence>_stageii.npz  SMPL-X G release (also accepted)
+        poses (T,165), trans, betas, mocap_frame_rate
+    <SubDataset>/<subject>/shape.npz               betas only: skipped
+
+Each sequence is resampled to ``target_fps``; the 22 shared body joints become SMPL's
+(SMPL hand joints 22, 23 zero), betas are cut to 10, and the z-up AMASS world is rotated
+to our y-up frame (see ``common``), optionally removing the root heading. The sequence
+path and original frame index of every row are kept in ``/meta/sequence`` and
+``/meta/frame``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from poserft.data.converters.common import (
+    ZUP_TO_YUP, ConversionError, SplitArrays, checked_array, compute_joints, fit_betas,
+    load_npz, pelvis_rest_positions, remove_root_yaw, require, rotate_world,
+    smpl_family_to_smpl, subsample_by_fps)
+
+__all__ = ["build_amass", "read_amass_sequence", "amass_to_canonical", "list_sequences"]
+
+_FPS_KEYS = ("mocap_framerate", "mocap_frame_rate")
+
+
+def list_sequences(root: Path, subdataset: str) -> list[Path]:
+    """Sorted sequence files of one AMASS sub-dataset (``shape.npz`` excluded)."""
+    folder = root / subdataset
+    if not folder.is_dir():
+        raise ConversionError(folder, "splits", f"AMASS sub-dataset folder is missing under "
+                                                f"{root}; unpack its SMPL+H G archive there or "
+                                                f"remove '{subdataset}' from the split")
+    return sorted(p for p in folder.rglob("*.npz") if p.name != "shape.npz")
+
+
+def read_amass_sequence(path: Path) -> dict[str, Any]:
+    """One AMASS npz -> ``{"poses" (T,W), "trans" (T,3), "betas" (B,), "fps" float}``, checked."""
+    data = load_npz(path, ("poses", "trans", "betas") + _FPS_KEYS)
+    poses = np.asarray(require(data, "poses", path))
+    if poses.ndim != 2 or poses.shape[1] not in (156, 165):
+        raise ConversionError(path, "poses", f"shape {poses.shape} != expected (T, 156) "
+                                             "(SMPL+H) or (T, 165) (SMPL-X)")
+    poses = checked_array(poses, path, "poses", (None, poses.shape[1]))
+    trans = checked_array(require(data, "trans", path), path, "trans", (len(poses), 3))
+    betas = checked_array(require(data, "betas", path), path, "betas", (None,))
+    fps_key = next((k for k in _FPS_KEYS if k in data), _FPS_KEYS[0])
+    fps = float(checked_array(require(data, fps_key, path), path, fps_key, ()))
+    if fps <= 0:
+        raise ConversionError(path, fps_key, f"frame rate must be positive, got {fps}")
+    return {"poses": poses, "trans": trans, "betas": betas, "fps": fps}
+
+
+def amass_to_canonical(poses: np.ndarray, trans: np.ndarray, betas: np.ndarray, body: Any,
+                       remove_yaw: bool) -> dict[str, np.ndarray]:
+    """AMASS rows (z-up) -> canonical SMPL rows (y-up).
+
+    poses (T,156|165), trans (T,3), betas (B,) -> global_orient (T,3), body_pose (T,23,3),
+    betas (T,10), transl (T,3); the body's joints are the AMASS joints rotated by ZUP_TO_YUP
+    (then about the vertical axis per row when ``remove_yaw``).
+    """
+    go, bp = smpl_family_to_smpl(poses)
+    b10 = np.repeat(fit_betas(betas)[None], len(go), axis=0)
+    pelvis = pelvis_rest_positions(body, b10[:1])[0] if len(go) else np.zeros(3)
+    go, tr = rotate_world(go, trans, ZUP_TO_YUP, pelvis)
+    if remove_yaw and len(go):
+        go, tr, _ = remove_root_yaw(go, tr, pelvis)
+    return {"global_orient": go, "body_pose": bp, "betas": b10, "transl": tr}
+
+
+def build_amass(source: Any, raw_dir: Path, splits: list[str], body: Any, cfg: Any = None,
+                progress: bool = True) -> dict[str, SplitArrays]:
+    """Read the AMASS sub-datasets of each split; see the module docstring."""
+    out = {}
+    for split in splits:
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in ("global_orient", "body_pose", "betas", "transl")}
+        seq_names: list[str] = []
+        frames: list[np.ndarray] = []
+        files = [p for sub in source.splits[split] for p in list_sequences(raw_dir, sub)]
+        if not files:
+            raise ConversionError(raw_dir, f"splits.{split}", f"no sequence .npz files under "
+                                  f"{source.splits[split]}")
+        total = 0
+        for path in tqdm(files, desc=f"amass/{split}", disable=not progress, leave=False):
+            seq = read_amass_sequence(path)
+            idx = subsample_by_fps(len(seq["poses"]), seq["fps"], source.target_fps)
+            if source.max_samples:
+                idx = idx[: max(0, source.max_samples - total)]
+            if len(idx) == 0:
+                continue
+            canon = amass_to_canonical(seq["poses"][idx], seq["trans"][idx], seq["betas"], body,
+                                       source.remove_root_yaw)
+            for k in rows:
+                rows[k].append(canon[k])
+            rel = os.path.relpath(path, raw_dir)
+            seq_names.extend([rel] * len(idx))
+            frames.append(idx)
+            total += len(idx)
+            if source.max_samples and total >= source.max_samples:
+                break
+        arrays = {f"poses/{k}": np.concatenate(v) for k, v in rows.items()}
+        arrays["joints"] = compute_joints(body, arrays["poses/global_orient"], arrays["poses/body_pose"],
+                                          arrays["poses/betas"], arrays["poses/transl"],
+                                          progress=progress, desc=f"amass/{split} joints")
+        arrays["meta/sequence"] = seq_names
+        arrays["meta/frame"] = np.concatenate(frames).astype(np.int64)
+        out[split] = SplitArrays(arrays, params={"frame": "y-up (AMASS z-up rotated by -90 deg about x)"},
+                                 stats={"n_sequences": len(set(seq_names))})
+    return out
