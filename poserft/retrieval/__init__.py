@@ -1,0 +1,10 @@
+"""Text-pose retrieval (PoseScript-style): a text encoder and a pose encoder mapping into a
+shared L2-normalised space, trained with a symmetric InfoNCE loss.
+
+Modules: ``features`` (yaw-normalised pose features), ``losses`` (pure contrastive loss),
+``model`` (encoders), ``checkpoint`` (save/load a model directory), ``train`` (the
+``train_retrieval`` stage), ``reward`` (``SemanticReward`` for RFT).
+
+Kept import-free on purpose: the Snakefile imports ``poserft.retrieval.config`` at parse
+time, which must not pull in torch.
+"""
