@@ -1,0 +1,162 @@
+"""Config sections of the pose MLLM (``model:``) and of the pose-aware ViT (``pose_encoder:``).
+
+Stdlib-only (the Snakefile imports this at parse time). Defaults are the tiny embedded
+world: 64x64 images, a 2-layer CLIP, a 2-layer ViTPose-style encoder and a 2-layer
+Llama-style LLM, all randomly initialised. Paper-scale values (a LLaVA-1.5 checkpoint,
+ViTPose-B weights) belong in ``configs/paper.yaml``.
+
+Architecture of the pose-aware ViT lives in one place, :class:`PoseViTConfig`, which is
+nested both in ``model.pose_vit`` (what the MLLM builds) and in ``pose_encoder.vit`` (what
+the optional pretraining stage trains). When pretraining runs, the workflow passes its
+output directory as ``model.pose_vit.checkpoint``; the architecture then comes from the
+checkpoint's ``config.json`` and the size fields here are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from poserft.configbase import ConfigError, Section, option
+
+__all__ = ["PoseViTConfig", "ModelConfig", "PoseEncoderConfig", "POSE_TOKEN", "IMAGE_TOKEN"]
+
+# Placeholder tokens shared with poserft.text.tokenizer (kept literal so this file stays
+# stdlib-only).
+IMAGE_TOKEN = "<image>"
+POSE_TOKEN = "<POSE>"
+
+
+@dataclass
+class PoseViTConfig(Section):
+    """Pose-aware ViT (transformers VitPoseBackbone): architecture or a checkpoint."""
+
+    checkpoint: str | None = option(
+        None, "Directory of a VitPoseBackbone (config.json + model.safetensors), e.g. the "
+              "output of pretrain_pose_encoder or converted ViTPose weights. null: random init "
+              "from the size fields below.")
+    image_size: int = option(64, "Input image side (pixels); images are resized to it.", minimum=8)
+    patch_size: int = option(8, "Patch side (pixels); > 4 because the ViTPose patch conv pads by 2.",
+                             minimum=5)
+    hidden_size: int = option(64, "Transformer width.", minimum=8)
+    num_layers: int = option(2, "Transformer layers.", minimum=1)
+    num_heads: int = option(4, "Attention heads (must divide hidden_size).", minimum=1)
+    mlp_ratio: int = option(2, "MLP width / hidden_size.", minimum=1)
+
+    def check(self, where: str) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{where}.hidden_size ({self.hidden_size}) must be divisible by "
+                              f"{where}.num_heads ({self.num_heads})")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"{where}.image_size ({self.image_size}) must be a multiple of "
+                              f"{where}.patch_size ({self.patch_size})")
+
+
+@dataclass
+class ModelConfig(Section):
+    """Pose MLLM: LLaVA-style backbone, vision encoders + fusion, pose head, prompt format."""
+
+    checkpoint: str | None = option(
+        None, "LLaVA checkpoint (HF hub name or local directory) loaded with "
+              "LlavaForConditionalGeneration.from_pretrained. null: build a tiny random model "
+              "from the sizes below (the embedded world). Hubs are unreachable offline: use a "
+              "local path.")
+    # --- tiny text model (ignored when checkpoint is set)
+    text_hidden_size: int = option(128, "LLM width (tiny model).", minimum=8)
+    text_layers: int = option(2, "LLM decoder layers (tiny model).", minimum=1)
+    text_heads: int = option(4, "LLM attention heads (tiny model).", minimum=1)
+    text_kv_heads: int = option(4, "LLM key/value heads (tiny model; divides text_heads).", minimum=1)
+    text_intermediate_size: int = option(256, "LLM MLP width (tiny model).", minimum=8)
+    max_positions: int = option(512, "LLM maximum sequence length (tiny model).", minimum=16)
+    # --- tiny CLIP vision tower (ignored when checkpoint is set)
+    clip_image_size: int = option(64, "CLIP input side (tiny model); images are resized to it.", minimum=8)
+    clip_patch_size: int = option(8, "CLIP patch side (tiny model).", minimum=2)
+    clip_hidden_size: int = option(64, "CLIP width (tiny model).", minimum=8)
+    clip_layers: int = option(2, "CLIP layers (tiny model).", minimum=1)
+    clip_heads: int = option(4, "CLIP heads (tiny model).", minimum=1)
+    vision_feature_layer: int = option(
+        -1, "CLIP hidden-state layer fed to the projector (LLaVA-1.5 uses -2; the tiny "
+            "2-layer CLIP uses its last layer).")
+    # --- pose-aware encoder + fusion
+    pose_vit: PoseViTConfig = option(PoseViTConfig(), "Pose-aware ViT (ViTPose-style) architecture or checkpoint.")
+    fusion: str = option(
+        "separate", "How the two encoders reach the LLM. separate: each projected by its own "
+        "2-layer MLP (W_a, W_b), pose tokens resampled to the CLIP grid, then summed "
+        "token-wise; concat: features concatenated channel-wise then ONE projector; "
+        "clip_only: no pose encoder.", choices=("separate", "concat", "clip_only"))
+    freeze_vision: bool = option(False, "Freeze both vision encoders (projectors still train).")
+    # --- pose head
+    head: str = option("gaussian", "Pose head on the <POSE> hidden state: gaussian "
+                       "(distribution over the 144-D 6D pose) or deterministic (the 'no Dist.' "
+                       "baseline).", choices=("gaussian", "deterministic"))
+    covariance: str = option("diag", "Gaussian covariance: diag, or lowrank (diag + rank-r factor).",
+                             choices=("diag", "lowrank"))
+    cov_rank: int = option(4, "Rank of the low-rank covariance factor.", minimum=1)
+    log_std_min: float = option(-4.0, "Lower bound of the tanh-squashed per-dim log-std.")
+    log_std_max: float = option(0.0, "Upper bound of the tanh-squashed per-dim log-std.")
+    factor_max: float = option(0.5, "Bound on each low-rank factor entry (tanh-squashed).", exclusive_minimum=0.0)
+    head_hidden_size: int = option(256, "Hidden width of the pose head MLP.", minimum=8)
+    # --- prompts (stored with the policy so SFT, RFT and eval prompt identically)
+    prompt_format: str = option("USER: {prompt} ASSISTANT:", "Chat wrapper around every prompt; must contain {prompt}.")
+    text2pose_prompt: str = option("Generate the SMPL pose described: {caption}",
+                                   "Text-to-pose prompt; must contain {caption}.")
+    image2pose_prompt: str = option("<image> Estimate the SMPL pose of this person.",
+                                    "Image-to-pose prompt; must contain <image>.")
+    vqa_prompt: str = option("<image> {question}", "Image-to-text / VQA prompt; must contain <image> and {question}.")
+    pose_answer: str = option("The SMPL pose of this person is <POSE>.",
+                              "Answer of the pose tasks; must contain <POSE> exactly once.")
+    seed: int = option(0, "Seed of the random initialisation.")
+
+    def check(self, where: str) -> None:
+        if self.log_std_min >= self.log_std_max:
+            raise ConfigError(f"{where}.log_std_min ({self.log_std_min}) must be < "
+                              f"{where}.log_std_max ({self.log_std_max})")
+        if self.text_hidden_size % self.text_heads:
+            raise ConfigError(f"{where}.text_hidden_size must be divisible by {where}.text_heads")
+        if self.text_heads % self.text_kv_heads:
+            raise ConfigError(f"{where}.text_heads must be divisible by {where}.text_kv_heads")
+        if self.clip_hidden_size % self.clip_heads:
+            raise ConfigError(f"{where}.clip_hidden_size must be divisible by {where}.clip_heads")
+        if self.clip_image_size % self.clip_patch_size:
+            raise ConfigError(f"{where}.clip_image_size must be a multiple of {where}.clip_patch_size")
+        checks = [("prompt_format", "{prompt}"), ("text2pose_prompt", "{caption}"),
+                  ("image2pose_prompt", IMAGE_TOKEN), ("vqa_prompt", IMAGE_TOKEN),
+                  ("vqa_prompt", "{question}"), ("pose_answer", POSE_TOKEN)]
+        for key, needle in checks:
+            if needle not in getattr(self, key):
+                raise ConfigError(f"{where}.{key}: {getattr(self, key)!r} must contain {needle!r}")
+        if self.pose_answer.count(POSE_TOKEN) != 1:
+            raise ConfigError(f"{where}.pose_answer must contain {POSE_TOKEN} exactly once")
+        for key in ("prompt_format", "text2pose_prompt", "pose_answer"):
+            if IMAGE_TOKEN in getattr(self, key):
+                raise ConfigError(f"{where}.{key} must not contain {IMAGE_TOKEN}")
+        for key in ("image2pose_prompt", "vqa_prompt"):
+            if getattr(self, key).count(IMAGE_TOKEN) != 1:
+                raise ConfigError(f"{where}.{key} must contain {IMAGE_TOKEN} exactly once")
+
+
+@dataclass
+class PoseEncoderConfig(Section):
+    """Optional pretraining of the pose-aware ViT on 2D keypoints (heatmap regression)."""
+
+    enabled: bool = option(False, "Run this optional stage. The workflow then passes its output "
+                           "directory to the MLLM as model.pose_vit.checkpoint (the architecture "
+                           "comes from there).")
+    vit: PoseViTConfig = option(PoseViTConfig(), "Architecture of the encoder to pretrain "
+                                "(its `checkpoint` is a warm start; null = random init).")
+    steps: int = option(600, "Optimizer steps.", minimum=0)
+    batch_size: int = option(32, "Images per step.", minimum=1)
+    lr: float = option(3e-3, "AdamW peak learning rate (one-cycle schedule).", exclusive_minimum=0.0)
+    weight_decay: float = option(0.01, "AdamW weight decay.", minimum=0.0)
+    heatmap_stride: int = option(4, "Pixels per heatmap cell (heatmap side = image_size / stride); "
+                                 "divides vit.patch_size.", minimum=1)
+    heatmap_sigma: float = option(1.5, "Gaussian blob std in heatmap cells.", exclusive_minimum=0.0)
+    val_samples: int = option(128, "Validation images scored at the end (mean keypoint error, pixels).", minimum=0)
+    num_threads: int = option(1, "torch intra-op CPU threads (0: torch's default); 1 is fastest "
+                              "for the tiny encoder on a shared machine.", minimum=0)
+    seed: int = option(0, "Seed (init, batch order).")
+
+    def check(self, where: str) -> None:
+        if self.vit.patch_size % self.heatmap_stride:
+            raise ConfigError(f"{where}.vit.patch_size ({self.vit.patch_size}) must be a multiple "
+                              f"of {where}.heatmap_stride ({self.heatmap_stride}): each patch "
+                              "token is unfolded into (patch/stride)^2 heatmap cells")

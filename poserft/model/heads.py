@@ -1,0 +1,318 @@
+"""Pose heads on the hidden state of the ``<POSE>`` token, and the distributions they return.
+
+Two heads share one interface so that SFT, RFT and evaluation never branch on the head:
+
+* :class:`GaussianPoseHead` -> :class:`PoseGaussian`, a Gaussian over the 144-D continuous
+  6D pose (24 joints x 6, joint 0 = global orientation) with covariance
+  ``diag(std^2) + W W^T`` (``W`` is ``(144, r)``; ``r = 0`` is the diagonal case). The
+  per-dimension log-std is tanh-squashed into ``[log_std_min, log_std_max]`` and the
+  factor entries into ``[-factor_max, factor_max]`` so that an exploding hidden state can
+  never produce a degenerate or infinite covariance.
+* :class:`DeterministicPoseHead` -> :class:`PointPose`, the paper's "no Dist." baseline:
+  a point estimate with the same ``mean/mode()/sample()`` but no density
+  (``log_prob``/``entropy``/``kl`` raise :class:`UndefinedForDeterministicHead`).
+
+All density math is closed form (Woodbury identity and the matrix-determinant lemma for
+the low-rank part), batched over rows, in float32 whatever the backbone dtype.
+Samples are mapped to SMPL axis-angle by :func:`pose_to_smpl` (``poserft.body``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["POSE_DIM", "PoseGaussian", "PointPose", "GaussianPoseHead", "DeterministicPoseHead",
+           "UndefinedForDeterministicHead", "build_pose_head", "pose_to_smpl", "identity_pose_vec"]
+
+POSE_DIM = 144  # 24 joints x 6D rotation (poserft.body.POSE_DIM)
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class UndefinedForDeterministicHead(NotImplementedError):
+    """A density quantity was asked of the deterministic ('no Dist.') head."""
+
+
+def identity_pose_vec(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The rest pose (all joint rotations = identity) as a (144,) 6D vector."""
+    try:
+        from poserft.body.rotations import matrix_to_rot6d
+        six = matrix_to_rot6d(torch.eye(3, dtype=dtype))
+    except ImportError:  # body not importable: 6D = first two columns of the matrix
+        six = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=dtype)
+    return six.repeat(POSE_DIM // 6)
+
+
+def pose_to_smpl(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,144) 6D pose -> (global_orient (B,3), body_pose (B,23,3)) axis-angle."""
+    from poserft.body import vec6d_to_smpl
+    return vec6d_to_smpl(vec)
+
+
+class PoseGaussian:
+    """Batch of Gaussians ``N(mean, diag(std^2) + factor @ factor^T)``.
+
+    Shapes: ``mean`` (B,k), ``std`` (B,k), ``factor`` (B,k,r) or None (diagonal).
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, factor: torch.Tensor | None = None):
+        if mean.shape != std.shape or mean.dim() != 2:
+            raise ValueError(f"PoseGaussian: mean {tuple(mean.shape)} and std {tuple(std.shape)} "
+                             "must both be (B,k)")
+        if factor is not None and (factor.dim() != 3 or factor.shape[:2] != mean.shape):
+            raise ValueError(f"PoseGaussian: factor {tuple(factor.shape)} must be (B,k,r) "
+                             f"with (B,k) = {tuple(mean.shape)}")
+        self._mean, self.std, self.factor = mean, std, factor
+        self._cap_chol: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    @property
+    def variance_diag(self) -> torch.Tensor:
+        """(B,k) diagonal part of the covariance (without the low-rank term)."""
+        return self.std.pow(2)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.factor is None else self.factor.shape[-1]
+
+    @property
+    def pose_dim(self) -> int:
+        return self._mean.shape[-1]
+
+    def __len__(self) -> int:
+        return self._mean.shape[0]
+
+    def __getitem__(self, index) -> "PoseGaussian":
+        """Row subset (a mask, index tensor or slice), e.g. the rows that emitted <POSE>."""
+        f = None if self.factor is None else self.factor[index]
+        return PoseGaussian(self._mean[index], self.std[index], f)
+
+    def detach(self) -> "PoseGaussian":
+        f = None if self.factor is None else self.factor.detach()
+        return PoseGaussian(self._mean.detach(), self.std.detach(), f)
+
+    def covariance_matrix(self) -> torch.Tensor:
+        """(B,k,k) dense covariance (for tests and small batches)."""
+        cov = torch.diag_embed(self.variance_diag)
+        if self.factor is not None:
+            cov = cov + self.factor @ self.factor.transpose(-1, -2)
+        return cov
+
+    def _capacitance_chol(self) -> torch.Tensor:
+        """Cholesky of ``C = I_r + W^T D^{-1} W`` (B,r,r), cached."""
+        if self._cap_chol is None:
+            w_scaled = self.factor / self.std.unsqueeze(-1)          # D^{-1/2} W  (B,k,r)
+            cap = w_scaled.transpose(-1, -2) @ w_scaled
+            cap = cap + torch.eye(self.rank, dtype=cap.dtype, device=cap.device)
+            self._cap_chol = torch.linalg.cholesky(cap)
+        return self._cap_chol
+
+    # ------------------------------------------------------------------ densities
+    def log_det_cov(self) -> torch.Tensor:
+        """(B,) log|Sigma| (matrix-determinant lemma for the low-rank part)."""
+        out = 2.0 * self.std.log().sum(-1)
+        if self.factor is not None:
+            out = out + 2.0 * self._capacitance_chol().diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return out
+
+    def _precision_quadratic(self, z: torch.Tensor) -> torch.Tensor:
+        """(B,) z^T Sigma^{-1} z for z (B,k) (Woodbury)."""
+        a = z / self.variance_diag                                     # D^{-1} z
+        out = (z * a).sum(-1)
+        if self.factor is not None:
+            b = (self.factor.transpose(-1, -2) @ a.unsqueeze(-1))      # W^T D^{-1} z (B,r,1)
+            c_inv_b = torch.cholesky_solve(b, self._capacitance_chol())
+            out = out - (b * c_inv_b).sum((-1, -2))
+        return out
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) log density of x (B,k) (or (k,), broadcast over rows)."""
+        x = x.to(self._mean.dtype)
+        quad = self._precision_quadratic(x - self._mean)
+        return -0.5 * (self.pose_dim * _LOG_2PI + self.log_det_cov() + quad)
+
+    def entropy(self) -> torch.Tensor:
+        """(B,) differential entropy 0.5 k (1 + log 2 pi) + 0.5 log|Sigma|."""
+        return 0.5 * self.pose_dim * (1.0 + _LOG_2PI) + 0.5 * self.log_det_cov()
+
+    def kl(self, other: "PoseGaussian") -> torch.Tensor:
+        """(B,) analytic KL(self || other) between two Gaussians (any ranks)."""
+        if not isinstance(other, PoseGaussian):
+            raise TypeError(f"PoseGaussian.kl: other must be a PoseGaussian, got {type(other).__name__}")
+        k = self.pose_dim
+        a2 = 1.0 / other.variance_diag                                # D2^{-1} (B,k)
+        # tr(Sigma2^{-1} Sigma1) with Sigma2^{-1} = A - A W2 C2^{-1} W2^T A
+        trace = (a2 * self.variance_diag).sum(-1)
+        if self.factor is not None:
+            trace = trace + (a2.unsqueeze(-1) * self.factor.pow(2)).sum((-1, -2))
+        if other.factor is not None:
+            u = a2.unsqueeze(-1) * other.factor                       # A W2 (B,k,r2)
+            m = u.transpose(-1, -2) @ (self.variance_diag.unsqueeze(-1) * u)
+            if self.factor is not None:
+                uw = u.transpose(-1, -2) @ self.factor                # (B,r2,r1)
+                m = m + uw @ uw.transpose(-1, -2)
+            trace = trace - torch.cholesky_solve(m, other._capacitance_chol()).diagonal(
+                dim1=-2, dim2=-1).sum(-1)
+        quad = other._precision_quadratic(self._mean - other._mean)
+        return 0.5 * (trace + quad - k + other.log_det_cov() - self.log_det_cov())
+
+    # ------------------------------------------------------------------ samples
+    def rsample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,k) reparameterised sample (differentiable in mean/std/factor)."""
+        eps = torch.randn(self._mean.shape, generator=generator, dtype=self._mean.dtype,
+                          device=self._mean.device)
+        out = self._mean + self.std * eps
+        if self.factor is not None:
+            eps_r = torch.randn(self._mean.shape[0], self.rank, 1, generator=generator,
+                                dtype=self._mean.dtype, device=self._mean.device)
+            out = out + (self.factor @ eps_r).squeeze(-1)
+        return out
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,k) sample without gradient."""
+        with torch.no_grad():
+            return self.rsample(generator)
+
+    def mode(self) -> torch.Tensor:
+        return self._mean
+
+
+class PointPose:
+    """Point estimate with the distribution interface (deterministic 'no Dist.' head)."""
+
+    def __init__(self, mean: torch.Tensor):
+        if mean.dim() != 2:
+            raise ValueError(f"PointPose: mean must be (B,k), got {tuple(mean.shape)}")
+        self._mean = mean
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    @property
+    def pose_dim(self) -> int:
+        return self._mean.shape[-1]
+
+    def __len__(self) -> int:
+        return self._mean.shape[0]
+
+    def __getitem__(self, index) -> "PointPose":
+        return PointPose(self._mean[index])
+
+    def detach(self) -> "PointPose":
+        return PointPose(self._mean.detach())
+
+    def _undefined(self, what: str):
+        raise UndefinedForDeterministicHead(
+            f"{what} is not defined for the deterministic pose head (model.head=deterministic, "
+            "the 'no Dist.' baseline): it predicts a point, not a density. Use "
+            "model.head=gaussian for HyGRPO's continuous branch, or disable that branch.")
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        self._undefined("log_prob")
+
+    def entropy(self) -> torch.Tensor:
+        self._undefined("entropy")
+
+    def kl(self, other) -> torch.Tensor:
+        self._undefined("kl")
+
+    def rsample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self._mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self._mean.detach().clone()
+
+    def mode(self) -> torch.Tensor:
+        return self._mean
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+def _init_output(layer: nn.Linear, bias: torch.Tensor) -> None:
+    # Small weights + rest-pose bias: the untrained head predicts a plausible pose and a
+    # moderate std instead of noise, which keeps the first SFT steps stable.
+    nn.init.normal_(layer.weight, std=1e-3)
+    with torch.no_grad():
+        layer.bias.copy_(bias)
+
+
+class GaussianPoseHead(nn.Module):
+    """hidden (B,H) -> :class:`PoseGaussian` over the (B,144) 6D pose."""
+
+    def __init__(self, in_dim: int, hidden: int = 256, pose_dim: int = POSE_DIM,
+                 covariance: str = "diag", rank: int = 4, log_std_min: float = -4.0,
+                 log_std_max: float = 0.0, factor_max: float = 0.5,
+                 init_log_std: float | None = None):
+        super().__init__()
+        if covariance not in ("diag", "lowrank"):
+            raise ValueError(f"covariance must be 'diag' or 'lowrank', got {covariance!r}")
+        if not log_std_min < log_std_max:
+            raise ValueError(f"log_std_min ({log_std_min}) must be < log_std_max ({log_std_max})")
+        self.pose_dim, self.covariance = pose_dim, covariance
+        self.rank = rank if covariance == "lowrank" else 0
+        self.log_std_min, self.log_std_max, self.factor_max = log_std_min, log_std_max, factor_max
+        self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU())
+        self.mean_out = nn.Linear(hidden, pose_dim)
+        self.log_std_out = nn.Linear(hidden, pose_dim)
+        _init_output(self.mean_out, identity_pose_vec()[:pose_dim] if pose_dim == POSE_DIM
+                     else torch.zeros(pose_dim))
+        # Start the std in the middle of its range (or at init_log_std) in squashed units.
+        target = (log_std_min + log_std_max) / 2 if init_log_std is None else init_log_std
+        unit = (target - log_std_min) / (log_std_max - log_std_min) * 2 - 1
+        _init_output(self.log_std_out, torch.full((pose_dim,), math.atanh(max(-0.99, min(0.99, unit)))))
+        self.factor_out = nn.Linear(hidden, pose_dim * self.rank) if self.rank else None
+        if self.factor_out is not None:
+            _init_output(self.factor_out, torch.zeros(pose_dim * self.rank))
+            nn.init.normal_(self.factor_out.weight, std=1e-2)
+
+    def squash_log_std(self, raw: torch.Tensor) -> torch.Tensor:
+        """Map unbounded raw outputs into [log_std_min, log_std_max] (smooth, monotone)."""
+        return self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1.0)
+
+    def forward(self, hidden: torch.Tensor) -> PoseGaussian:
+        # Densities in the head's own dtype (float32), never under bf16 autocast: log|Sigma|
+        # and the Mahalanobis term of a 144-D Gaussian lose too many digits in bf16.
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = self.trunk(hidden.to(self.mean_out.weight.dtype))
+            mean = self.mean_out(h)
+            std = self.squash_log_std(self.log_std_out(h)).exp()
+            factor = None
+            if self.factor_out is not None:
+                raw = self.factor_out(h).view(-1, self.pose_dim, self.rank)
+                factor = self.factor_max * torch.tanh(raw)
+        return PoseGaussian(mean, std, factor)
+
+
+class DeterministicPoseHead(nn.Module):
+    """hidden (B,H) -> :class:`PointPose` (B,144) (regression, 'no Dist.' baseline)."""
+
+    def __init__(self, in_dim: int, hidden: int = 256, pose_dim: int = POSE_DIM):
+        super().__init__()
+        self.pose_dim = pose_dim
+        self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU())
+        self.mean_out = nn.Linear(hidden, pose_dim)
+        _init_output(self.mean_out, identity_pose_vec()[:pose_dim] if pose_dim == POSE_DIM
+                     else torch.zeros(pose_dim))
+
+    def forward(self, hidden: torch.Tensor) -> PointPose:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return PointPose(self.mean_out(self.trunk(hidden.to(self.mean_out.weight.dtype))))
+
+
+def build_pose_head(cfg, in_dim: int) -> nn.Module:
+    """The head selected by ``cfg.head`` (a :class:`~poserft.model.config.ModelConfig`)."""
+    if cfg.head == "gaussian":
+        return GaussianPoseHead(in_dim, cfg.head_hidden_size, POSE_DIM, cfg.covariance,
+                                cfg.cov_rank, cfg.log_std_min, cfg.log_std_max, cfg.factor_max)
+    if cfg.head == "deterministic":
+        return DeterministicPoseHead(in_dim, cfg.head_hidden_size, POSE_DIM)
+    raise ValueError(f"model.head: unknown head {cfg.head!r} (gaussian|deterministic)")

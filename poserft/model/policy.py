@@ -1,0 +1,528 @@
+"""The pose MLLM policy: prompt building, KV-cached group generation, teacher-forced scoring,
+and the SFT loss. One class, :class:`PoseMLLM`, used by SFT, RFT (HyGRPO) and evaluation.
+
+Sequence layout (shared by ``generate``, ``score`` and ``sft_loss`` so that they agree to
+float precision)::
+
+    [pad .. pad] <s> USER: <image>x N_img  prompt text  ASSISTANT: | completion ... </s> [pad ..]
+    `--------------- prompt, LEFT-padded (B,Tp) ----------------' `--- RIGHT-padded (.,Tc) ---'
+
+Position ids are ``cumsum(attention_mask) - 1``, so padding never shifts positions. The
+single ``<image>`` placeholder of a prompt is expanded to ``N_img`` tokens (the CLIP patch
+grid) whose embeddings are replaced by the fused vision features.
+
+The pose head reads the final hidden state at the (first) ``<POSE>`` token of the
+completion, i.e. the output of the step that consumed ``<POSE>``. Rows without ``<POSE>``
+(``pose_valid`` False) read the last prompt position instead; their pose is meaningless
+and must be masked by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from poserft.model.config import IMAGE_TOKEN, POSE_TOKEN, ModelConfig
+from poserft.model.fusion import VisionFusion
+from poserft.model.heads import POSE_DIM, PointPose, PoseGaussian, build_pose_head
+from poserft.model.vision import PoseViTEncoder, clip_grid, clip_patch_features, to_unit_images
+
+__all__ = ["Rollout", "ScoreOutput", "PoseMLLM", "build_policy"]
+
+
+@dataclass
+class Rollout:
+    """G sampled completions per prompt. N = B*G rows, rows of prompt b are b*G .. b*G+G-1.
+
+    Tensors are on the policy's device and carry no gradient.
+    """
+
+    prompt_index: torch.Tensor      # (N,) long: row -> index into the prompts list
+    completion_ids: torch.Tensor    # (N,Tc) long, right-padded with pad_token_id
+    completion_mask: torch.Tensor   # (N,Tc) float 1.0 for generated tokens (incl. </s>)
+    texts: list[str]                # N decoded completions (up to </s>; <POSE> kept)
+    token_logprobs: torch.Tensor    # (N,Tc) log pi(token) under the sampling policy, 0 at pads
+    pose_valid: torch.Tensor        # (N,) bool: completion contains <POSE>
+    pose_mean: torch.Tensor         # (N,144) head mean (6D pose)
+    pose_sample: torch.Tensor       # (N,144) head sample (= mean when do_sample False / deterministic head)
+    pose_logprob: torch.Tensor      # (N,) log density of pose_sample (0 for the deterministic head)
+    pose_token_pos: torch.Tensor    # (N,) long: index of the first <POSE> in the completion, -1 if none
+    num_samples: int = 1            # G
+    temperature: float = 1.0
+    do_sample: bool = True
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | list[int] | slice) -> "Rollout":
+        """Row subset (e.g. an RL micro-batch); ``prompt_index`` still points into the
+        original prompts list, so pass the same prompts/images to :meth:`PoseMLLM.score`."""
+        if isinstance(rows, list):
+            rows = torch.tensor(rows, dtype=torch.long)
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(self.completion_ids.device)
+            idx = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
+            texts = [self.texts[i] for i in idx.tolist()]
+        else:
+            texts = self.texts[rows]
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[rows] if isinstance(v, torch.Tensor) else v
+        out["texts"] = texts
+        return Rollout(**out)
+
+    def to(self, device) -> "Rollout":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def smpl(self, which: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
+        """SMPL axis-angle (global_orient (N,3), body_pose (N,23,3)) of pose_sample/pose_mean."""
+        from poserft.model.heads import pose_to_smpl
+        return pose_to_smpl(self.pose_sample if which == "sample" else self.pose_mean)
+
+
+@dataclass
+class ScoreOutput:
+    """Teacher-forced recompute of a rollout, WITH gradient."""
+
+    token_logprobs: torch.Tensor    # (N,Tc) log pi(completion token), 0 at pads
+    completion_mask: torch.Tensor   # (N,Tc) float (the rollout's)
+    pose_dist: PoseGaussian | PointPose   # over all N rows; rows with pose_valid False are meaningless
+    pose_valid: torch.Tensor        # (N,) bool mask for pose_dist rows
+    entropy: torch.Tensor | None = None   # (N,Tc) token entropy (with_entropy=True), 0 at pads
+
+
+def _unique_rows(prompt_index: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Distinct prompt indices (sorted) and the map row -> position among them."""
+    uniq, inverse = torch.unique(prompt_index, sorted=True, return_inverse=True)
+    return uniq.tolist(), inverse
+
+
+class PoseMLLM(nn.Module):
+    """LLaVA-style MLLM + pose-aware ViT + fusion + pose head.
+
+    Build with :func:`build_policy` (from a config) or :func:`poserft.model.io.load_policy`.
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer, backbone: nn.Module,
+                 pose_encoder: PoseViTEncoder | None = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backbone = backbone  # LlavaForConditionalGeneration
+        llava = backbone.model
+        if config.fusion != "clip_only" and pose_encoder is None:
+            raise ValueError(f"model.fusion={config.fusion} needs a pose encoder")
+        self.pose_encoder = pose_encoder if config.fusion != "clip_only" else None
+        llm_dim = backbone.config.text_config.hidden_size
+        # LLaVA's own projector becomes W_a (moved, not shared, so the state dict has one copy).
+        pretrained_proj = llava.multi_modal_projector
+        if not isinstance(pretrained_proj, nn.Identity):
+            llava.multi_modal_projector = nn.Identity()
+        self.fusion = VisionFusion(
+            config.fusion, backbone.config.vision_config.hidden_size,
+            None if self.pose_encoder is None else self.pose_encoder.hidden_size, llm_dim,
+            clip_grid(llava.vision_tower),
+            None if self.pose_encoder is None else self.pose_encoder.grid,
+            clip_projector=None if isinstance(pretrained_proj, nn.Identity) else pretrained_proj)
+        self.pose_head = build_pose_head(config, llm_dim)
+        if config.freeze_vision:
+            for module in (llava.vision_tower, self.pose_encoder):
+                if module is not None:
+                    module.requires_grad_(False)
+        tok = tokenizer
+        self.image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.pose_token_id = tok.convert_tokens_to_ids(POSE_TOKEN)
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.eos_token_id = tok.eos_token_id
+        self.bos_token_id = tok.bos_token_id
+        for name in ("image_token_id", "pose_token_id", "eos_token_id", "pad_token_id"):
+            tid = getattr(self, name)
+            if tid is None or tid == tok.unk_token_id:
+                raise ValueError(f"tokenizer lacks the token for {name}; build it with "
+                                 "poserft.text.tokenizer (special tokens <image>, <POSE>, </s>, <pad>)")
+        self.num_image_tokens = self.fusion.num_tokens
+        self._body = None  # skeleton/SMPL body model for the joint loss, built on first use
+
+    _DISPATCH = ("sft_loss", "score", "generate", "build_inputs", "image_features")
+
+    def forward(self, method: str, *args, **kwargs):
+        """Dispatch by name, so calls go through DDP/DeepSpeed wrappers:
+        ``wrapped("sft_loss", batch)``, ``wrapped("score", prompts, images, rollout)``."""
+        if method not in self._DISPATCH:
+            raise ValueError(f"PoseMLLM.forward: unknown method {method!r}; one of {self._DISPATCH}")
+        return getattr(self, method)(*args, **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.backbone.model.language_model
+
+    def body_model(self):
+        if self._body is None:
+            from poserft.body import load
+            object.__setattr__(self, "_body", load(None))  # not a submodule: no state_dict entries
+        return self._body.to(self.device)
+
+    def text2pose_prompt(self, caption: str) -> str:
+        return self.config.text2pose_prompt.format(caption=caption)
+
+    def image2pose_prompt(self) -> str:
+        return self.config.image2pose_prompt
+
+    def vqa_prompt(self, question: str) -> str:
+        return self.config.vqa_prompt.format(question=question)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of one prompt: <s> + chat-wrapped text, <image> expanded to N_img ids."""
+        text = self.config.prompt_format.format(prompt=prompt)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_img = sum(1 for t in ids if t == self.image_token_id)
+        if n_img > 1:
+            raise ValueError(f"prompt has {n_img} {IMAGE_TOKEN} placeholders; one image per "
+                             f"prompt is supported: {prompt!r}")
+        out = [] if self.bos_token_id is None else [self.bos_token_id]
+        for t in ids:
+            out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
+        return out
+
+    def encode_answer(self, answer: str) -> list[int]:
+        """Completion ids of a target answer: text ids + </s>."""
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos_token_id]
+
+    # ------------------------------------------------------------------ inputs
+    def build_inputs(self, prompts: list[str], images=None) -> dict:
+        """Tokenise prompts (left-padded) and collect the images of rows that have <image>.
+
+        ``images``: None, a (B,H,W,3) uint8 / (B,3,H,W) float batch aligned with prompts
+        (rows without <image> are ignored), or a list of B entries (array or None).
+        Returns ``input_ids (B,Tp)``, ``attention_mask (B,Tp)``, ``position_ids (B,Tp)``,
+        ``image_rows (Bi,)`` and ``pixels (Bi,3,H,W)`` in [0,1] (or None).
+        """
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        ids = [self.encode_prompt(p) for p in prompts]
+        t = max(len(x) for x in ids)
+        dev = self.device
+        input_ids = torch.full((len(ids), t), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(ids), t, dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, t - len(x):] = torch.tensor(x)
+            mask[i, t - len(x):] = 1
+        has_image = [IMAGE_TOKEN in p for p in prompts]
+        image_rows = [i for i, h in enumerate(has_image) if h]
+        pixels = None
+        if image_rows:
+            if images is None:
+                raise ValueError(f"prompts {image_rows[:5]} contain {IMAGE_TOKEN} but images=None")
+            if isinstance(images, (list, tuple)):
+                if len(images) != len(prompts):
+                    raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts")
+                missing = [i for i in image_rows if images[i] is None]
+                if missing:
+                    raise ValueError(f"prompts {missing[:5]} contain {IMAGE_TOKEN} but their image is None")
+                pixels = to_unit_images(torch.stack([torch.as_tensor(images[i]) for i in image_rows]))
+            else:
+                if len(images) != len(prompts):
+                    raise ValueError(f"images has {len(images)} rows for {len(prompts)} prompts")
+                pixels = to_unit_images(images)[torch.tensor(image_rows)]
+            pixels = pixels.to(dev)
+        return {"input_ids": input_ids.to(dev), "attention_mask": mask.to(dev),
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(dev),
+                "image_rows": torch.tensor(image_rows, dtype=torch.long, device=dev),
+                "pixels": pixels}
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(Bi,3,H,W) in [0,1] -> fused image embeddings (Bi, N_img, D)."""
+        llava = self.backbone.model
+        clip = clip_patch_features(llava.vision_tower, pixels, self.backbone.config.vision_feature_layer)
+        pose = None if self.pose_encoder is None else self.pose_encoder(pixels)
+        return self.fusion(clip, pose)
+
+    def embed_prompts(self, batch: dict) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by vision features (B,Tp,D)."""
+        embeds = self.language_model.get_input_embeddings()(batch["input_ids"])
+        if batch["pixels"] is not None:
+            feats = self.image_features(batch["pixels"]).to(embeds.dtype)     # (Bi,N_img,D)
+            rows = batch["image_rows"]
+            sub_ids = batch["input_ids"][rows]
+            slot = sub_ids == self.image_token_id                          # (Bi,Tp)
+            counts = slot.sum(-1)
+            if not bool((counts == self.num_image_tokens).all()):
+                raise ValueError(f"image rows have {counts.tolist()} image slots, expected "
+                                 f"{self.num_image_tokens} each")
+            sub = embeds[rows].masked_scatter(slot.unsqueeze(-1), feats)
+            embeds = embeds.index_copy(0, rows, sub)
+        return embeds
+
+    def _lm(self, inputs_embeds, attention_mask, position_ids, past_key_values=None,
+            use_cache=False):
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values,
+                                   use_cache=use_cache, return_dict=True)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: list[str], images=None, num_samples: int = 1,
+                 max_new_tokens: int = 24, temperature: float = 1.0, do_sample: bool = True,
+                 generator: torch.Generator | None = None) -> Rollout:
+        """Sample ``num_samples`` (G) completions per prompt, plus a pose per completion.
+
+        The prompt prefix (vision encoders + LLM prefill) runs ONCE per prompt; its KV cache
+        is then repeated G times (``repeat_interleave``) for the G decoding rows.
+        Returns a :class:`Rollout` with N = len(prompts) * G rows.
+        """
+        if num_samples < 1 or max_new_tokens < 1:
+            raise ValueError(f"num_samples ({num_samples}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        g = num_samples
+        batch = self.build_inputs(prompts, images)
+        embeds = self.embed_prompts(batch)
+        out = self._lm(embeds, batch["attention_mask"], batch["position_ids"], use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(g)
+        last_prompt_hidden = out.last_hidden_state[:, -1].repeat_interleave(g, 0)   # (N,D)
+        logits = self.backbone.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(g, 0)
+        attn = batch["attention_mask"].repeat_interleave(g, 0)
+        next_pos = batch["position_ids"][:, -1].repeat_interleave(g, 0) + 1
+        n, dev = logits.shape[0], logits.device
+        emb = self.language_model.get_input_embeddings()
+        lp_temp = temperature if do_sample else 1.0
+
+        tokens, logps, masks = [], [], []
+        finished = torch.zeros(n, dtype=torch.bool, device=dev)
+        pose_hidden = last_prompt_hidden.clone()
+        pose_pos = torch.full((n,), -1, dtype=torch.long, device=dev)
+        for t in range(max_new_tokens):
+            logp_all = torch.log_softmax(logits / lp_temp, dim=-1)
+            if do_sample:
+                tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+            else:
+                tok = logits.argmax(-1)
+            alive = ~finished
+            tok = torch.where(alive, tok, torch.full_like(tok, self.pad_token_id))
+            tokens.append(tok)
+            logps.append(torch.where(alive, logp_all.gather(-1, tok.unsqueeze(-1)).squeeze(-1),
+                                     torch.zeros((), device=dev)))
+            masks.append(alive.float())
+            new_pose = alive & (tok == self.pose_token_id) & (pose_pos < 0)
+            pose_pos = torch.where(new_pose, torch.full_like(pose_pos, t), pose_pos)
+            finished = finished | (tok == self.eos_token_id)
+            needs_pose_hidden = bool(new_pose.any())
+            if (bool(finished.all()) or t == max_new_tokens - 1) and not needs_pose_hidden:
+                break
+            # Feed the sampled token: its output gives the next logits and, for <POSE>, the
+            # hidden state the pose head reads.
+            attn = torch.cat([attn, alive.long().unsqueeze(-1)], dim=-1)
+            out = self._lm(emb(tok.unsqueeze(-1)), attn, next_pos.unsqueeze(-1), cache, use_cache=True)
+            cache = out.past_key_values
+            h = out.last_hidden_state[:, -1]
+            pose_hidden = torch.where(new_pose.unsqueeze(-1), h, pose_hidden)
+            logits = self.backbone.lm_head(h).float()
+            next_pos = next_pos + 1
+            if bool(finished.all()) or t == max_new_tokens - 1:
+                break
+
+        completion_ids = torch.stack(tokens, 1)
+        completion_mask = torch.stack(masks, 1)
+        token_logprobs = torch.stack(logps, 1)
+        pose_valid = pose_pos >= 0
+        dist = self.pose_head(pose_hidden)
+        pose_mean = dist.mean.detach()
+        if isinstance(dist, PoseGaussian):
+            pose_sample = dist.sample(generator) if do_sample else pose_mean.clone()
+            pose_logprob = dist.log_prob(pose_sample)
+        else:
+            pose_sample, pose_logprob = pose_mean.clone(), torch.zeros(n, device=dev)
+        return Rollout(
+            prompt_index=torch.arange(len(prompts), device=dev).repeat_interleave(g),
+            completion_ids=completion_ids, completion_mask=completion_mask,
+            texts=self.decode_completions(completion_ids, completion_mask),
+            token_logprobs=token_logprobs, pose_valid=pose_valid, pose_mean=pose_mean,
+            pose_sample=pose_sample, pose_logprob=pose_logprob.detach(), pose_token_pos=pose_pos,
+            num_samples=g, temperature=float(temperature), do_sample=bool(do_sample))
+
+    def decode_completions(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+        """Text of each completion up to (excluding) </s>; special tokens like <POSE> kept."""
+        texts = []
+        for ids, m in zip(completion_ids.tolist(), completion_mask.tolist()):
+            keep = [t for t, v in zip(ids, m) if v > 0]
+            if keep and keep[-1] == self.eos_token_id:
+                keep = keep[:-1]
+            texts.append(self.tokenizer.decode(keep, skip_special_tokens=False))
+        return texts
+
+    # ------------------------------------------------------------------ teacher forcing
+    def _teacher_forced(self, prompts: list[str], images, prompt_index: torch.Tensor,
+                        completion_ids: torch.Tensor, completion_mask: torch.Tensor):
+        """Forward prompt+completion; prompt/vision work done once per distinct prompt.
+
+        Returns (hidden (N,Tp+Tc,D), Tp).
+        """
+        uniq, row_map = _unique_rows(prompt_index)
+        sub_images = None
+        if images is not None:
+            sub_images = ([images[i] for i in uniq] if isinstance(images, (list, tuple))
+                          else images[torch.as_tensor(uniq)] if isinstance(images, torch.Tensor)
+                          else images[uniq])
+        batch = self.build_inputs([prompts[i] for i in uniq], sub_images)
+        prompt_embeds = self.embed_prompts(batch)[row_map]                    # (N,Tp,D)
+        comp_embeds = self.language_model.get_input_embeddings()(completion_ids)
+        embeds = torch.cat([prompt_embeds, comp_embeds.to(prompt_embeds.dtype)], dim=1)
+        attn = torch.cat([batch["attention_mask"][row_map], (completion_mask > 0).long()], dim=1)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        hidden = self._lm(embeds, attn, pos).last_hidden_state
+        return hidden, batch["input_ids"].shape[1]
+
+    def _pose_hidden(self, hidden: torch.Tensor, tp: int, pose_token_pos: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(pose_token_pos >= 0, tp + pose_token_pos, torch.full_like(pose_token_pos, tp - 1))
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+    def score(self, prompts: list[str], images, rollout: Rollout, temperature: float | None = None,
+              with_entropy: bool = False) -> ScoreOutput:
+        """Teacher-forced log-probs of the rollout's tokens and its pose distribution, with grad.
+
+        ``temperature`` defaults to the rollout's (so ratios start at exactly 1).
+        """
+        temperature = rollout.temperature if temperature is None else temperature
+        if not rollout.do_sample and temperature == rollout.temperature:
+            temperature = 1.0  # greedy rollouts record temperature-1 log-probs
+        mask = rollout.completion_mask
+        hidden, tp = self._teacher_forced(prompts, images, rollout.prompt_index,
+                                          rollout.completion_ids, mask)
+        logits = self.backbone.lm_head(hidden[:, tp - 1:-1]).float() / temperature   # (N,Tc,V)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        tok_lp = logp_all.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+        valid = mask > 0
+        tok_lp = torch.where(valid, tok_lp, torch.zeros((), device=tok_lp.device))
+        entropy = None
+        if with_entropy:
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = torch.where(valid, entropy, torch.zeros((), device=entropy.device))
+        dist = self.pose_head(self._pose_hidden(hidden, tp, rollout.pose_token_pos))
+        return ScoreOutput(tok_lp, mask, dist, rollout.pose_valid, entropy)
+
+    # ------------------------------------------------------------------ SFT
+    def sft_batch(self, prompts: list[str], answers: list[str], images=None,
+                  poses: torch.Tensor | None = None, has_pose: torch.Tensor | None = None) -> dict:
+        """Collate one supervised batch.
+
+        ``poses`` (B,144) 6D targets; ``has_pose`` (B,) bool marks rows whose pose is a
+        target (text->pose, image->pose). Answers of those rows must contain <POSE>.
+        """
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        comp = [self.encode_answer(a) for a in answers]
+        tc = max(len(c) for c in comp)
+        ids = torch.full((len(comp), tc), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(comp), tc)
+        pose_pos = torch.full((len(comp),), -1, dtype=torch.long)
+        for i, c in enumerate(comp):
+            ids[i, :len(c)] = torch.tensor(c)
+            mask[i, :len(c)] = 1.0
+            if self.pose_token_id in c:
+                pose_pos[i] = c.index(self.pose_token_id)
+        if has_pose is None:
+            has_pose = torch.zeros(len(comp), dtype=torch.bool)
+        has_pose = torch.as_tensor(has_pose, dtype=torch.bool)
+        bad = (has_pose & (pose_pos < 0)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"rows {bad[:5]} have a pose target but their answer has no {POSE_TOKEN}")
+        if bool(has_pose.any()) and poses is None:
+            raise ValueError("has_pose marks rows with pose targets but poses=None")
+        dev = self.device
+        return {"prompts": list(prompts), "images": images,
+                "completion_ids": ids.to(dev), "completion_mask": mask.to(dev),
+                "pose_token_pos": pose_pos.to(dev), "has_pose": has_pose.to(dev),
+                "poses": None if poses is None else torch.as_tensor(poses, dtype=torch.float32).to(dev)}
+
+    def sft_loss(self, batch: dict, lm_weight: float = 1.0, pose_weight: float = 1.0,
+                 joint_weight: float = 1.0, joint_frame: str = "global") -> tuple[torch.Tensor, dict]:
+        """Next-token CE on answers + pose loss + FK joint loss on pose rows.
+
+        Pose loss: Gaussian NLL per dimension (``-log p(x) / 144``) for the Gaussian head,
+        mean squared error on the 6D vector for the deterministic head. Joint loss: mean
+        per-joint Euclidean distance (metres) between FK(predicted mean) and FK(target),
+        both through ``poserft.body.load(None)`` (no translation), with the global
+        orientation (``joint_frame="global"``), with both root rotations set to identity
+        (``"local"``: articulation only; the root is then supervised by the pose loss alone),
+        or the mean of the two (``"both"``).
+        Returns ``(loss, metrics)``; metrics are floats.
+        """
+        n = len(batch["prompts"])
+        ids, mask = batch["completion_ids"], batch["completion_mask"]
+        hidden, tp = self._teacher_forced(batch["prompts"], batch["images"],
+                                          torch.arange(n, device=ids.device), ids, mask)
+        logits = self.backbone.lm_head(hidden[:, tp - 1:-1]).float()
+        valid = mask > 0
+        ce = F.cross_entropy(logits[valid], ids[valid])
+        acc = (logits[valid].argmax(-1) == ids[valid]).float().mean()
+        loss = lm_weight * ce
+        metrics = {"lm_loss": ce.item(), "token_acc": acc.item()}
+        rows = batch["has_pose"].nonzero().flatten()
+        metrics["n_pose"] = float(rows.numel())
+        if rows.numel():
+            dist = self.pose_head(self._pose_hidden(hidden[rows], tp, batch["pose_token_pos"][rows]))
+            target = batch["poses"][rows]
+            if isinstance(dist, PoseGaussian):
+                pose_loss = -dist.log_prob(target).mean() / POSE_DIM
+                metrics["pose_nll"] = pose_loss.item()
+                metrics["pose_std"] = dist.std.mean().item()
+            else:
+                pose_loss = F.mse_loss(dist.mean, target)
+            metrics["pose_mse"] = F.mse_loss(dist.mean.detach(), target).item()
+            joint_err = self.joint_error(dist.mean, target, joint_frame)     # (R,24) metres
+            joint_loss = joint_err.mean()
+            metrics["joint_err_mm"] = 1000.0 * joint_loss.item()
+            loss = loss + pose_weight * pose_loss + joint_weight * joint_loss
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    def joint_error(self, pred: torch.Tensor, target: torch.Tensor, frame: str = "global") -> torch.Tensor:
+        """Per-joint distance (R,24) in metres between FK of two (R,144) 6D poses.
+
+        ``frame="local"`` replaces both root rotations by the identity first (articulation
+        only); ``"both"`` is the mean of the global and local errors.
+        """
+        from poserft.body import vec6d_to_rotmats
+        if frame not in ("global", "local", "both"):
+            raise ValueError(f"joint frame must be 'global', 'local' or 'both', got {frame!r}")
+        if frame == "both":
+            return 0.5 * (self.joint_error(pred, target, "global") + self.joint_error(pred, target, "local"))
+        body = self.body_model()
+        rp, rt = vec6d_to_rotmats(pred.float()), vec6d_to_rotmats(target.float())
+        if frame == "local":
+            eye = torch.eye(3, dtype=rp.dtype, device=rp.device).expand(rp.shape[0], 1, 3, 3)
+            rp, rt = torch.cat([eye, rp[:, 1:]], 1), torch.cat([eye, rt[:, 1:]], 1)
+        return (body.forward_rotmats(rp) - body.forward_rotmats(rt)).norm(dim=-1)
+
+
+def build_policy(config: ModelConfig | dict | None, tokenizer=None) -> PoseMLLM:
+    """A fresh policy from ``model`` config: pretrained LLaVA (``config.checkpoint``, its own
+    tokenizer extended) or the tiny random model (needs the project ``tokenizer``)."""
+    from poserft.model.backbone import build_tiny_backbone, load_pretrained_backbone
+    from poserft.model.vision import build_pose_vit
+
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.from_dict(config, where="model")
+    if config.checkpoint:
+        backbone, tokenizer = load_pretrained_backbone(config.checkpoint)
+    else:
+        if tokenizer is None:
+            raise ValueError("build_policy: model.checkpoint is null (tiny model), so the project "
+                             "tokenizer must be given (poserft.text.tokenizer.load_tokenizer)")
+        backbone = build_tiny_backbone(config, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        encoder = None if config.fusion == "clip_only" else build_pose_vit(config.pose_vit)
+        model = PoseMLLM(config, tokenizer, backbone, encoder)
+    return model

@@ -1,0 +1,167 @@
+"""Vision side: image preprocessing, CLIP patch features, the pose-aware ViT.
+
+Images enter the model as uint8 ``(B,H,W,3)`` (what the HDF5 splits store) or float
+``(B,3,H,W)`` in [0,1]. Each encoder gets its own resize + normalisation (CLIP statistics
+for CLIP, ImageNet statistics for the ViTPose-style encoder), so the two can have
+different input sizes (LLaVA-1.5: 336x336; ViTPose: 256x192; embedded world: 64x64 both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from poserft.model.config import PoseViTConfig
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "to_unit_images",
+           "resize_normalize", "clip_patch_features", "PoseViTEncoder", "build_pose_vit",
+           "PoseEncoderCheckpointError"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PoseEncoderCheckpointError(ValueError):
+    """model.pose_vit.checkpoint does not hold a usable VitPoseBackbone."""
+
+
+def to_unit_images(images) -> torch.Tensor:
+    """uint8 (B,H,W,3) array/tensor or float (B,3,H,W) in [0,1] -> float (B,3,H,W) in [0,1]."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be 4-D (B,H,W,3) uint8 or (B,3,H,W) float, got "
+                         f"shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        if images.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (B,H,W,3), got {tuple(images.shape)}")
+        return images.permute(0, 3, 1, 2).float() / 255.0
+    if images.shape[1] != 3:
+        raise ValueError(f"float images must be (B,3,H,W) in [0,1], got {tuple(images.shape)}")
+    return images.float()
+
+
+def resize_normalize(unit: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
+    """(B,3,H,W) in [0,1] -> (B,3,h,w) resized (bilinear) and normalised per channel."""
+    if tuple(unit.shape[-2:]) != tuple(size):
+        unit = F.interpolate(unit, size=tuple(size), mode="bilinear", align_corners=False,
+                             antialias=unit.shape[-1] > size[1])
+    m = torch.tensor(mean, dtype=unit.dtype, device=unit.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=unit.dtype, device=unit.device).view(1, 3, 1, 1)
+    return (unit - m) / s
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
+
+
+def clip_patch_features(vision_tower: nn.Module, unit: torch.Tensor, feature_layer: int
+                        ) -> torch.Tensor:
+    """CLIP patch tokens (CLS dropped, LLaVA's 'default' strategy): (B, (S/p)^2, C)."""
+    cfg = vision_tower.config
+    pixels = resize_normalize(unit, _pair(cfg.image_size), CLIP_MEAN, CLIP_STD)
+    pixels = pixels.to(next(vision_tower.parameters()).dtype)
+    out = vision_tower(pixels, output_hidden_states=True, return_dict=True)
+    return out.hidden_states[feature_layer][:, 1:]
+
+
+def clip_grid(vision_tower: nn.Module) -> tuple[int, int]:
+    cfg = vision_tower.config
+    h, w = _pair(cfg.image_size)
+    return h // cfg.patch_size, w // cfg.patch_size
+
+
+class PoseViTEncoder(nn.Module):
+    """ViTPose-style backbone: image -> last-layer patch tokens (B, h*w, C) on an (h,w) grid."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        cfg = backbone.config
+        self.image_size = _pair(cfg.image_size)
+        ph, pw = _pair(cfg.patch_size)
+        self.grid = (self.image_size[0] // ph, self.image_size[1] // pw)
+        self.hidden_size = cfg.hidden_size
+
+    def forward(self, unit: torch.Tensor) -> torch.Tensor:
+        pixels = resize_normalize(unit, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
+        pixels = pixels.to(next(self.backbone.parameters()).dtype)
+        # dataset_index selects the expert in MoE ViTPose+ checkpoints; 0 for single-expert.
+        idx = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
+        out = self.backbone(pixels, dataset_index=idx)
+        return out.feature_maps[-1]
+
+
+def _vitpose_config(cfg: PoseViTConfig):
+    from transformers import VitPoseBackboneConfig
+    return VitPoseBackboneConfig(
+        image_size=[cfg.image_size, cfg.image_size], patch_size=[cfg.patch_size, cfg.patch_size],
+        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+        out_indices=[cfg.num_layers])
+
+
+def build_pose_vit(cfg: PoseViTConfig) -> PoseViTEncoder:
+    """Random init from ``cfg`` sizes, or load ``cfg.checkpoint`` (a VitPoseBackbone dir).
+
+    A full ``VitPoseForPoseEstimation`` checkpoint (HF ``usyd-community/vitpose-*``) is
+    accepted too: its ``backbone.*`` weights are used and the keypoint head is dropped.
+    """
+    from transformers import VitPoseBackbone, VitPoseBackboneConfig
+
+    if cfg.checkpoint is None:
+        return PoseViTEncoder(VitPoseBackbone(_vitpose_config(cfg)))
+    path = Path(cfg.checkpoint)
+    fix = ("set model.pose_vit.checkpoint to a directory written by pretrain_pose_encoder "
+           "(config.json + model.safetensors) or to null for a random init")
+    if not (path / "config.json").is_file():
+        raise PoseEncoderCheckpointError(f"model.pose_vit.checkpoint={str(path)!r}: no config.json "
+                                         f"there; {fix}")
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") == "vitpose" and "backbone_config" in raw:
+        bcfg = VitPoseBackboneConfig(**{k: v for k, v in raw["backbone_config"].items()
+                                        if k not in ("model_type", "transformers_version")})
+        prefix = "backbone."
+    elif raw.get("model_type") == "vitpose_backbone":
+        bcfg = VitPoseBackboneConfig.from_pretrained(path)
+        prefix = ""
+    else:
+        raise PoseEncoderCheckpointError(
+            f"{path / 'config.json'}: model_type {raw.get('model_type')!r} is neither "
+            f"'vitpose_backbone' nor 'vitpose'; {fix}")
+    bcfg.out_indices = [bcfg.num_hidden_layers]
+    model = VitPoseBackbone(bcfg)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise PoseEncoderCheckpointError(f"{weights}: missing; {fix}")
+    from safetensors.torch import load_file
+    state = load_file(str(weights))
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise PoseEncoderCheckpointError(f"{weights}: weights missing for {missing[:5]} "
+                                         f"({len(missing)} in all); {fix}")
+    return PoseViTEncoder(model)
+
+
+def save_pose_vit(encoder: PoseViTEncoder, out_dir: str | os.PathLike) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (HF VitPoseBackbone layout) into out_dir.
+
+    Not atomic by itself: callers write into a temp dir and rename it.
+    """
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.backbone.config.save_pretrained(out)
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.backbone.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

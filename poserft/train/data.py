@@ -1,0 +1,167 @@
+"""Supervised task mixing over one HDF5 split (text->pose, image->pose, image->text/VQA).
+
+Every micro-batch is a pure function of ``(seed, step, micro)``: the task of each example
+is drawn by the configured weights and the example uniformly within its task, from a
+``numpy`` generator seeded by that triple. So a resumed run sees exactly the batches the
+uninterrupted run would have seen, with no sampler state to checkpoint, and every rank can
+draw its own shard by folding its rank into ``micro``.
+
+Pose targets are 144-D 6D vectors (``poserft.body.smpl_to_vec6d``): text->pose uses
+``/poses`` (dataset frame; optionally with the root's yaw removed, since a caption does not
+say which way the body faces), image->pose uses the camera-frame root orientation
+``/image_pose/global_orient`` when the split has it (the image shows the camera view).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poserft.model.config import ModelConfig
+from poserft.train.config import SFT_TASKS
+
+__all__ = ["Example", "SFTTaskData", "TASK_NEEDS"]
+
+log = logging.getLogger(__name__)
+
+# what each task needs in the split file
+TASK_NEEDS = {"text2pose": ("captions/text",), "image2pose": ("images",),
+              "image2text": ("images", "vqa/question")}
+_MAX_INMEMORY_IMAGE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str
+    answer: str
+    pose_index: int          # row in /poses (the image row for image tasks)
+    has_pose: bool           # the answer's <POSE> has a pose target
+
+
+def _without_root_yaw(pose6d: torch.Tensor) -> torch.Tensor:
+    """(N,144) -> same poses with the root's twist about +y removed (y-up frames)."""
+    from poserft.body.rotations import matrix_to_rot6d, rot6d_to_matrix
+    from poserft.retrieval.features import remove_root_yaw
+    root = matrix_to_rot6d(remove_root_yaw(rot6d_to_matrix(pose6d[:, :6])))
+    return torch.cat([root, pose6d[:, 6:]], dim=-1)
+
+
+class SFTTaskData:
+    """Mixed-task examples of one split file. ``batch(step, micro, size)`` -> collated dict."""
+
+    def __init__(self, split_path: str | os.PathLike, model_cfg: ModelConfig,
+                 task_weights: dict[str, float], seed: int = 0, text2pose_remove_yaw: bool = False):
+        from poserft.body import smpl_to_vec6d
+        from poserft.data.h5io import SplitReader
+
+        self.path, self.cfg, self.seed = Path(split_path), model_cfg, int(seed)
+        self.reader = SplitReader(self.path)
+        r = self.reader
+        poses = r.poses()
+        go = torch.as_tensor(np.asarray(poses["global_orient"]), dtype=torch.float32)
+        bp = torch.as_tensor(np.asarray(poses["body_pose"]), dtype=torch.float32)
+        self.pose6d = smpl_to_vec6d(go, bp)                                # (N,144)
+        # text->pose targets: a caption never says which way the body faces
+        self.text_pose6d = _without_root_yaw(self.pose6d) if text2pose_remove_yaw else self.pose6d
+        if r.has("image_pose/global_orient"):
+            cam = torch.as_tensor(np.asarray(r.read("image_pose/global_orient")), dtype=torch.float32)
+            self.image_pose6d = smpl_to_vec6d(cam, bp)
+        else:
+            self.image_pose6d = self.pose6d
+        self.captions = ([str(t) for t in r.read("captions/text")] if r.has("captions/text") else [])
+        self.caption_pose = (np.asarray(r.read("captions/pose_index"), dtype=np.int64)
+                             if self.captions else np.zeros(0, np.int64))
+        if r.has("vqa/question"):
+            self.questions = [str(t) for t in r.read("vqa/question")]
+            self.vqa_answers = [str(t) for t in r.read("vqa/answer")]
+            self.vqa_pose = np.asarray(r.read("vqa/pose_index"), dtype=np.int64)
+        else:
+            self.questions, self.vqa_answers, self.vqa_pose = [], [], np.zeros(0, np.int64)
+        self.has_images = r.has("images")
+        self._images = None
+        if self.has_images:
+            shape = r.image_shape
+            if int(np.prod(shape)) * r.num_poses <= _MAX_INMEMORY_IMAGE_BYTES:
+                self._images = np.asarray(r.read("images"))
+        sizes = {"text2pose": len(self.captions), "image2pose": r.num_poses if self.has_images else 0,
+                 "image2text": len(self.questions) if self.has_images else 0}
+        self.task_sizes = sizes
+        weights = {t: float(task_weights.get(t, 0.0)) for t in SFT_TASKS}
+        dropped = [t for t, w in weights.items() if w > 0 and sizes[t] == 0]
+        for t in dropped:
+            log.warning("%s: task %s dropped from the SFT mix: the split lacks %s", self.path, t,
+                        " + ".join(TASK_NEEDS[t]))
+            weights[t] = 0.0
+        total = sum(weights.values())
+        if total <= 0:
+            raise ValueError(f"{self.path}: none of the weighted SFT tasks {task_weights} has data "
+                             f"here (sizes {sizes}); check sft.task_weights and the split file")
+        self.tasks = [t for t in SFT_TASKS if weights[t] > 0]
+        self.probs = np.array([weights[t] / total for t in self.tasks])
+
+    # ------------------------------------------------------------------ examples
+    def example(self, task: str, i: int) -> Example:
+        """The i-th example of ``task``."""
+        c = self.cfg
+        if task == "text2pose":
+            return Example(task, c.text2pose_prompt.format(caption=self.captions[i]), c.pose_answer,
+                           int(self.caption_pose[i]), True)
+        if task == "image2pose":
+            return Example(task, c.image2pose_prompt, c.pose_answer, int(i), True)
+        if task == "image2text":
+            return Example(task, c.vqa_prompt.format(question=self.questions[i]),
+                           self.vqa_answers[i], int(self.vqa_pose[i]), False)
+        raise ValueError(f"unknown SFT task {task!r}")
+
+    def sample(self, step: int, micro: int, batch_size: int) -> list[Example]:
+        """Deterministic examples for (seed, step, micro)."""
+        rng = np.random.default_rng([self.seed, int(step), int(micro)])
+        tasks = rng.choice(len(self.tasks), size=batch_size, p=self.probs)
+        out = []
+        for k in tasks:
+            task = self.tasks[k]
+            out.append(self.example(task, int(rng.integers(self.task_sizes[task]))))
+        return out
+
+    def images(self, rows: list[int]) -> np.ndarray:
+        """uint8 (len(rows),H,W,3)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        if self._images is not None:
+            return self._images[idx]
+        return np.asarray(self.reader.read("images", idx))
+
+    def collate(self, examples: list[Example]) -> dict:
+        """-> prompts, answers, images (B,H,W,3) uint8 (zeros where unused), poses (B,144),
+        has_pose (B,), tasks."""
+        needs_img = ["<image>" in e.prompt for e in examples]
+        images = None
+        if any(needs_img):
+            rows = [e.pose_index for e, n in zip(examples, needs_img) if n]
+            got = self.images(rows)
+            images = np.zeros((len(examples),) + got.shape[1:], dtype=np.uint8)
+            images[np.flatnonzero(needs_img)] = got
+            images = torch.from_numpy(images)
+        table = {"image2pose": self.image_pose6d, "text2pose": self.text_pose6d}
+        poses = torch.stack([table.get(e.task, self.pose6d)[e.pose_index] for e in examples])
+        return {"prompts": [e.prompt for e in examples], "answers": [e.answer for e in examples],
+                "images": images, "poses": poses,
+                "has_pose": torch.tensor([e.has_pose for e in examples]),
+                "tasks": [e.task for e in examples]}
+
+    def batch(self, step: int, micro: int, batch_size: int) -> dict:
+        return self.collate(self.sample(step, micro, batch_size))
+
+    def mean_pose6d(self) -> torch.Tensor:
+        """(144,) mean 6D target over the pose tasks' rows (the 'mean pose' baseline)."""
+        parts = []
+        if "text2pose" in self.tasks:
+            parts.append(self.text_pose6d[torch.as_tensor(self.caption_pose)])
+        if "image2pose" in self.tasks:
+            parts.append(self.image_pose6d)
+        return torch.cat(parts).mean(0) if parts else self.pose6d.mean(0)

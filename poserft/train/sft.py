@@ -1,0 +1,187 @@
+"""SFT stage: supervised mixed-task training of the pose MLLM from the HDF5 splits.
+
+``run_sft(model_cfg, sft_cfg, split_paths, tokenizer_path, out_dir, tracker)`` writes::
+
+    out_dir/checkpoints/step_*/   resumable checkpoints (a restarted job continues)
+    out_dir/final/                the policy (save_policy; load with load_policy(out_dir))
+    out_dir/metrics.json          end-of-training check on the val split (when enabled)
+
+Loss per micro-batch (weights in ``sft``): answer next-token cross-entropy + pose loss
+(Gaussian NLL per dimension, or 6D MSE for the deterministic head) + FK joint-position
+loss through the body model; see :meth:`PoseMLLM.sft_loss`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poserft.model.config import ModelConfig
+from poserft.train.config import SFTConfig
+
+__all__ = ["run_sft", "quick_eval", "mpjpe_mm", "fk_joints"]
+
+log = logging.getLogger(__name__)
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _tracker_or_null(tracker):
+    if tracker is not None:
+        return tracker
+    from poserft.tracking import NullTracker
+    return NullTracker()
+
+
+def fk_joints(body, vec6d: torch.Tensor) -> torch.Tensor:
+    """(B,144) 6D poses -> (B,24,3) joints (metres) through the body model's FK."""
+    from poserft.body import vec6d_to_rotmats
+    return body.forward_rotmats(vec6d_to_rotmats(vec6d.float()))
+
+
+def mpjpe_mm(body, pred6d: torch.Tensor, gt6d: torch.Tensor) -> torch.Tensor:
+    """(B,) root-aligned MPJPE (mm, 24 SMPL joints) between two (B,144) 6D poses."""
+    from poserft.eval.metrics import mpjpe
+    return mpjpe(fk_joints(body, pred6d), fk_joints(body, gt6d), root=0)
+
+
+@torch.no_grad()
+def quick_eval(policy, data, mean_pose6d: torch.Tensor, n: int, max_new_tokens: int = 24,
+               batch_size: int = 32) -> dict:
+    """Greedy generations on the first ``n`` examples of each task of ``data`` (SFTTaskData).
+
+    A quick check at the end of SFT, not the paper's protocol (that is ``poserft.eval``):
+    ``{task}/format_rate`` (completion == the configured answer exactly),
+    ``{task}/pose_valid_rate`` (contains <POSE>), and over rows with a <POSE>:
+    ``{task}/mpjpe_mm`` (root-aligned, 24 SMPL joints) and ``{task}/pa_mpjpe_mm``
+    (Procrustes-aligned), each with the ``mean_pose_`` baseline (the training split's mean
+    6D pose predicted for every row); ``image2text/exact_match``.
+    """
+    from poserft.eval.metrics import mpjpe, pa_mpjpe
+    policy.eval()
+    body = policy.body_model().to("cpu")
+    out: dict[str, float] = {}
+    for task in data.tasks:
+        m = min(n, data.task_sizes[task])
+        if m == 0:
+            continue
+        exs = [data.example(task, i) for i in range(m)]
+        texts, valid, pred = [], [], []
+        for s in range(0, m, batch_size):
+            b = data.collate(exs[s:s + batch_size])
+            r = policy.generate(b["prompts"], b["images"], num_samples=1,
+                                max_new_tokens=max_new_tokens, do_sample=False)
+            texts += r.texts
+            valid.append(r.pose_valid.cpu())
+            pred.append(r.pose_mean.cpu())
+        valid, pred = torch.cat(valid), torch.cat(pred)
+        exact = float(np.mean([t.strip() == e.answer.strip() for t, e in zip(texts, exs)]))
+        if task == "image2text":
+            out[f"{task}/exact_match"] = exact
+            continue
+        out[f"{task}/format_rate"] = exact
+        out[f"{task}/pose_valid_rate"] = float(valid.float().mean())
+        out[f"{task}/n"] = float(m)
+        if valid.any():
+            gt = fk_joints(body, data.collate(exs)["poses"][valid])
+            guesses = {"": pred[valid], "mean_pose_": mean_pose6d.cpu().expand(int(valid.sum()), -1)}
+            for prefix, vec in guesses.items():
+                joints = fk_joints(body, vec)
+                out[f"{task}/{prefix}mpjpe_mm"] = float(mpjpe(joints, gt, root=0).mean())
+                out[f"{task}/{prefix}pa_mpjpe_mm"] = float(pa_mpjpe(joints, gt).mean())
+    return out
+
+
+def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | None,
+            split_paths: dict[str, str], tokenizer_path: str | os.PathLike | None,
+            out_dir: str | os.PathLike, tracker=None) -> dict:
+    """Train the policy with SFT; returns the summary written to ``out_dir/metrics.json``.
+
+    ``split_paths``: ``{"train": ..., "val": ...}`` HDF5 split files (val optional: used for
+    the end-of-training check). ``tokenizer_path``: the project tokenizer (ignored when
+    ``model.checkpoint`` is set: the checkpoint's tokenizer is extended instead).
+    """
+    from poserft.model.heads import GaussianPoseHead
+    from poserft.model.policy import build_policy
+    from poserft.train.data import SFTTaskData
+    from poserft.train.engine import TrainEngine, seed_everything
+
+    if not isinstance(model_cfg, ModelConfig):
+        model_cfg = ModelConfig.from_dict(model_cfg, where="model")
+    if not isinstance(sft_cfg, SFTConfig):
+        sft_cfg = SFTConfig.from_dict(sft_cfg, where="sft")
+    if "train" not in split_paths:
+        raise ValueError(f"run_sft: split_paths needs a 'train' entry, got {sorted(split_paths)}")
+    tracker = _tracker_or_null(tracker)
+    out_dir = Path(out_dir)
+    seed_everything(sft_cfg.engine.seed)
+
+    tokenizer = None
+    if not model_cfg.checkpoint:
+        if tokenizer_path is None:
+            raise ValueError("run_sft: tokenizer_path is required for the tiny model "
+                             "(model.checkpoint is null)")
+        from poserft.text.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer_path)
+    policy = build_policy(model_cfg, tokenizer)
+    data = SFTTaskData(split_paths["train"], policy.config, sft_cfg.task_weights, sft_cfg.engine.seed,
+                       text2pose_remove_yaw=sft_cfg.text2pose_remove_yaw)
+    mean_pose = data.mean_pose6d()
+    if sft_cfg.init_pose_bias_from_data:
+        with torch.no_grad():  # overwritten by resume() when a checkpoint exists
+            policy.pose_head.mean_out.bias.copy_(mean_pose)
+
+    engine = TrainEngine(policy, sft_cfg.optim, sft_cfg.engine, sft_cfg.steps, out_dir,
+                         grad_accum=sft_cfg.grad_accum, micro_batch_size=sft_cfg.batch_size,
+                         tracker=tracker)
+    if engine.is_main:
+        n_params = sum(p.numel() for p in policy.parameters())
+        tracker.log_params({"sft_num_parameters": n_params,
+                            "sft_tasks": ",".join(data.tasks),
+                            **{f"sft_task_size_{k}": v for k, v in data.task_sizes.items()}})
+        log.info("SFT: %d parameters, tasks %s (sizes %s), %d steps", n_params, data.tasks,
+                 data.task_sizes, sft_cfg.steps)
+    rank, world = engine.dist.rank, engine.dist.world_size
+    weights = dict(lm_weight=sft_cfg.lm_weight, pose_weight=sft_cfg.pose_weight,
+                   joint_weight=sft_cfg.joint_weight, joint_frame=sft_cfg.joint_frame)
+
+    def loss_fn(model, mb):
+        batch = policy.sft_batch(mb["prompts"], mb["answers"], mb["images"], mb["poses"], mb["has_pose"])
+        return model("sft_loss", batch, **weights)
+
+    last: dict = {}
+    for step in engine.steps():
+        micro_batches = [data.batch(step, micro * world + rank, sft_cfg.batch_size)
+                         for micro in range(sft_cfg.grad_accum)]
+        last = engine.train_step(micro_batches, loss_fn)
+    final_dir = engine.export_policy(out_dir / "final")
+
+    summary: dict = {"steps": engine.step, **{f"train/{k}": v for k, v in last.items()}}
+    if engine.is_main and sft_cfg.eval_samples and split_paths.get("val"):
+        val = SFTTaskData(split_paths["val"], policy.config, sft_cfg.task_weights, sft_cfg.engine.seed,
+                          text2pose_remove_yaw=sft_cfg.text2pose_remove_yaw)
+        results = quick_eval(policy, val, mean_pose, sft_cfg.eval_samples, sft_cfg.max_new_tokens)
+        engine.log(results, prefix="val/")
+        summary.update({f"val/{k}": v for k, v in results.items()})
+    if engine.is_main:
+        summary["policy_dir"] = str(final_dir)
+        summary["head"] = "gaussian" if isinstance(policy.pose_head, GaussianPoseHead) else "deterministic"
+        _atomic_json(out_dir / "metrics.json", summary)
+    return summary
