@@ -1,0 +1,164 @@
+"""Benchmark: one HyGRPO step vs one discrete-only GRPO step on the same prompt batch.
+
+Both modes run the same rollout (same prompts, same sampling seed), the same rewards, the
+same reference forward and ``mu`` update passes; HyGRPO adds the Gaussian log-density, the
+pose KL and the continuous clipped term. Prints the median time of each part and the
+ratio HyGRPO / GRPO (target <= 1.3) for the full step and for the update alone.
+
+    .venv/bin/python benchmarks/bench_hygrpo.py                       # embedded tiny policy
+    .venv/bin/python benchmarks/bench_hygrpo.py --policy results/runs/dist/seed0/sft \\
+        --split data/synthetic/train.h5 --reward-model results/retrieval/reward
+
+Without ``--policy`` a policy of the default ``model`` section is built with a small test
+tokenizer and taught the answer format for a few supervised steps (so that candidates emit
+``<POSE>`` and the continuous branch has work); without ``--split`` a random split file is
+written to a temp folder; without ``--reward-model`` an untrained retrieval model of the
+default ``retrieval`` section scores the semantic reward (the cost is what matters here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _random_split(path: Path, n: int = 64, image_size: int = 64) -> Path:
+    from poserft.body import load
+    from poserft.data.h5io import write_split
+    from poserft.model.testing import TEST_TEXTS
+
+    rng = np.random.default_rng(0)
+    body_pose = (rng.normal(size=(n, 23, 3)) * 0.3).astype(np.float32)
+    orient = (rng.normal(size=(n, 3)) * 0.3).astype(np.float32)
+    joints = load(None)(torch.as_tensor(orient), torch.as_tensor(body_pose)).numpy()
+    arrays = {"poses/global_orient": orient, "poses/body_pose": body_pose,
+              "poses/betas": np.zeros((n, 10), np.float32), "joints": joints,
+              "images": rng.integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8),
+              "image_pose/global_orient": orient,
+              "captions/text": [TEST_TEXTS[i % 3] for i in range(n)],
+              "captions/pose_index": np.arange(n)}
+    return write_split(path, arrays, {"source": "bench", "split": "train",
+                                      "body_model": "skeleton", "converter_params": {}})
+
+
+def _teach_format(policy, split: Path, steps: int) -> None:
+    from poserft.train.data import SFTTaskData
+
+    data = SFTTaskData(split, policy.config, {"text2pose": 1.0, "image2pose": 1.0})
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for s in range(steps):
+        b = data.batch(s, 0, 8)
+        loss, _ = policy.sft_loss(policy.sft_batch(b["prompts"], b["answers"], b["images"],
+                                                   b["poses"], b["has_pose"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _reward_model_dir(tmp: Path, tokenizer) -> Path:
+    from poserft.retrieval.checkpoint import save_retrieval_model
+    from poserft.retrieval.config import RetrievalConfig
+    from poserft.retrieval.model import RetrievalArch, RetrievalModel
+
+    arch = RetrievalArch.from_config(RetrievalConfig(), len(tokenizer), tokenizer.pad_token_id,
+                                     tokenizer.bos_token_id)
+    save_retrieval_model(RetrievalModel(arch, tokenizer).eval(), tmp / "reward", {"role": "reward"})
+    return tmp / "reward"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", help="SFT policy dir (load_policy); default: build the tiny default")
+    ap.add_argument("--split", help="HDF5 split with images + captions; default: a random one")
+    ap.add_argument("--reward-model", help="retrieval model dir for the semantic reward")
+    ap.add_argument("--batch-size", type=int, default=4, help="prompts per step")
+    ap.add_argument("--group-size", type=int, default=16)
+    ap.add_argument("--mu", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
+    ap.add_argument("--teach-steps", type=int, default=40)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from poserft.model.io import load_policy
+    from poserft.rl import trainer as T
+    from poserft.rl.config import RFTConfig
+    from poserft.rl.rollout import PromptSampler
+    from poserft.train.data import SFTTaskData
+    from poserft.train.engine import TrainEngine
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_hygrpo_"))
+    torch.manual_seed(0)
+    split = Path(args.split) if args.split else _random_split(tmp / "train.h5")
+    if args.policy:
+        base = load_policy(args.policy)
+        source = args.policy
+    else:
+        from poserft.model.config import ModelConfig
+        from poserft.model.policy import build_policy
+        from poserft.model.testing import make_test_tokenizer
+        base = build_policy(ModelConfig(), make_test_tokenizer(tmp))
+        _teach_format(base, split, args.teach_steps)
+        source = f"default model section, {args.teach_steps} format-teaching steps"
+    reward_dir = Path(args.reward_model) if args.reward_model else _reward_model_dir(tmp, base.tokenizer)
+    n_params = sum(p.numel() for p in base.parameters())
+
+    # Both modes are set up first and timed alternately (grpo, hygrpo, grpo, ...) so that
+    # load from other processes hits both alike.
+    runs = {}
+    for mode in ("grpo", "hygrpo"):
+        n = args.batch_size * args.group_size
+        cfg = RFTConfig.from_dict(dict(
+            mode=mode, batch_size=args.batch_size, group_size=args.group_size,
+            micro_batch_size=n, mu=args.mu, task_mix={"image2pose": 0.5, "text2pose": 0.5},
+            optim={"lr": 1e-9, "warmup_steps": 0, "min_lr_ratio": 1.0}), where="rft")
+        policy = copy.deepcopy(base)
+        reference = copy.deepcopy(base).requires_grad_(False)
+        mix = {t: w for t, w in cfg.task_mix.items() if w > 0}
+        sampler = PromptSampler(SFTTaskData(split, policy.config, mix), mix)
+        ctx = T.build_reward_context(cfg, reward_dir, need_text=False)
+        engine = TrainEngine(policy, cfg.optim, cfg.engine, 10 ** 6, tmp / f"ckpt_{mode}",
+                             grad_accum=1, micro_batch_size=n)
+        batch = sampler.sample(0, cfg.batch_size)
+        T.rft_step(engine, sampler, 0, ctx, cfg, reference, batch=batch)  # warm-up
+        runs[mode] = (engine, sampler, ctx, cfg, reference, batch)
+
+    parts = {m: {"step": [], "generate": [], "reward": [], "update": []} for m in runs}
+    valid = {}
+    for _ in range(args.repeats):
+        for mode, (engine, sampler, ctx, cfg, reference, batch) in runs.items():
+            t0 = time.perf_counter()
+            last = T.rft_step(engine, sampler, 0, ctx, cfg, reference, batch=batch)
+            total = time.perf_counter() - t0
+            p = parts[mode]
+            p["step"].append(total)
+            p["generate"].append(last["time/generate_s"])
+            p["reward"].append(last["time/reward_s"])
+            p["update"].append(total - last["time/generate_s"] - last["time/reward_s"])
+            valid[mode] = last["rollout/pose_valid_frac"]
+    results = {m: {k: statistics.median(v) for k, v in p.items()} for m, p in parts.items()}
+    results["hygrpo"]["pose_valid_frac"] = valid["hygrpo"]
+
+    print(f"policy: {source} ({n_params / 1e6:.2f} M parameters); torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"batch: {args.batch_size} prompts x G={args.group_size}, mu={args.mu}, "
+          f"median of {args.repeats}; pose_valid_frac {results['hygrpo']['pose_valid_frac']:.2f}")
+    print(f"{'part':<10}{'GRPO (s)':>12}{'HyGRPO (s)':>12}{'ratio':>8}")
+    for part in ("generate", "reward", "update", "step"):
+        g, h = results["grpo"][part], results["hygrpo"][part]
+        print(f"{part:<10}{g:>12.4f}{h:>12.4f}{h / g:>8.3f}")
+    ratio = results["hygrpo"]["step"] / results["grpo"]["step"]
+    print(f"HyGRPO / GRPO step time: {ratio:.3f}x (target <= 1.3x): "
+          f"{'OK' if ratio <= 1.3 else 'OVER TARGET'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The ``rft`` config section: HyGRPO reinforcement fine-tuning (stdlib only).
+
+Defaults are the tiny embedded world (a few prompts, a few steps, CPU, about a minute).
+Paper-scale values (Pose-RFT: lr 1e-6, batch 16 prompts, 1k steps) go in configs/paper.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from poserft.configbase import ConfigError, Section, option
+from poserft.train.config import SFT_TASKS, EngineConfig, OptimConfig
+
+__all__ = ["RFTConfig", "REWARD_KINDS", "TASKS", "DEFAULT_FORMAT_REGEX"]
+
+# Reward name -> the branch it can feed. Kept here (stdlib) so the config can be validated
+# at Snakefile parse time; poserft.rl.rewards.REWARDS must register exactly these names
+# (a test checks it).
+REWARD_KINDS = {"format": "discrete", "text": "discrete", "joint": "continuous",
+                "semantic": "continuous"}
+TASKS = SFT_TASKS  # text2pose, image2pose, image2text (VQA); shared with SFT
+DEFAULT_FORMAT_REGEX = r"\s*The\s+SMPL\s+pose\s+of\s+this\s+person\s+is\s*<POSE>\s*\.\s*"
+
+
+@dataclass
+class RFTConfig(Section):
+    """HyGRPO reinforcement fine-tuning from the SFT policy (pose MLLM)."""
+
+    mode: Literal["hygrpo", "grpo", "continuous"] = option(
+        "hygrpo", "hygrpo: discrete token term + continuous Gaussian pose term (the method); "
+        "grpo: discrete-only GRPO, the pose is the head's mean and gets no policy-gradient "
+        "term (ablation); continuous: only the pose term (debugging).",
+        choices=("hygrpo", "grpo", "continuous"))
+    steps: int = option(50, "RL steps (each: rollout of batch_size prompts x group_size "
+                        "candidates, then mu update iterations). Paper: 1000.", minimum=0)
+    batch_size: int = option(4, "Prompts per RL step. Paper: 16.", minimum=1)
+    group_size: int = option(16, "Candidates G sampled per prompt (the group of GRPO); the "
+                             "continuous branch needs many samples in the 144-D pose space.",
+                             minimum=2)
+    micro_batch_size: int = option(
+        32, "Candidates per forward/backward pass during the update (gradient accumulation "
+        "over the rollout batch; one optimizer step per update iteration). Must divide "
+        "batch_size * group_size.", minimum=1)
+    mu: int = option(2, "Update iterations (optimizer steps) per rollout batch; > 1 makes "
+                     "the update off-policy so the clip matters.", minimum=1)
+    clip_eps_token: float = option(0.2, "PPO clip range of the token ratio (lower side, and "
+                                   "upper unless clip_eps_token_high is set).",
+                                   exclusive_minimum=0.0, maximum=1.0)
+    clip_eps_token_high: float | None = option(
+        None, "Upper clip range of the token ratio (DAPO clip-higher); null = clip_eps_token.")
+    clip_eps_pose: float = option(0.2, "PPO clip range of the Gaussian pose ratio r_c.",
+                                  exclusive_minimum=0.0, maximum=1.0)
+    beta_token: float = option(0.04, "Coefficient of the token KL to the frozen reference "
+                               "(SFT) policy; 0 disables the reference forward.", minimum=0.0)
+    beta_pose: float = option(0.01, "Coefficient of the pose KL (summed over the 144 dims) to "
+                              "the reference policy.", minimum=0.0)
+    token_kl_estimator: Literal["k1", "k2", "k3"] = option(
+        "k3", "Per-token KL estimator (Schulman): k1 = log ratio, k2 = squared/2, k3 = "
+        "unbiased and non-negative (GRPO).", choices=("k1", "k2", "k3"))
+    pose_kl_estimator: Literal["analytic", "k3"] = option(
+        "analytic", "Pose KL: closed form between the two Gaussians, or k3 on the sampled pose.",
+        choices=("analytic", "k3"))
+    loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum",
+                           "seq-mean-token-sum-norm"] = option(
+        "seq-mean-token-mean", "Token aggregation of the discrete term: per-sequence mean "
+        "then mean over the G candidates (GRPO), all-token mean, per-sequence sum, or sum / "
+        "(N * T) (Dr. GRPO).", choices=("seq-mean-token-mean", "token-mean",
+                                         "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    advantage_estimator: Literal["grpo", "rloo"] = option(
+        "grpo", "Group baseline: grpo (group mean) or rloo (leave-one-out mean).",
+        choices=("grpo", "rloo"))
+    norm_adv_by_std: bool = option(True, "Divide group-centred rewards by the group std "
+                                   "(GRPO); false = Dr. GRPO centring only.")
+    adv_eps: float = option(1e-6, "Added to the group std before dividing.", exclusive_minimum=0.0)
+    reward_weights: dict[str, float] = option(
+        {"format": 1.0, "text": 1.0, "joint": 1.0, "semantic": 1.0},
+        "Weight of each reward in its branch's sum (known: format, text, joint, semantic). "
+        "A weight of 0 (or leaving a reward out) disables it.")
+    discrete_rewards: list[str] = option(
+        ["format", "text"], "Rewards summed into the discrete reward R_d (text level).")
+    continuous_rewards: list[str] = option(
+        ["joint", "semantic"], "Rewards summed into the continuous reward R_c (pose level).")
+    reward_tasks: dict[str, list[str]] = option(
+        {"format": ["image2pose", "text2pose"], "text": ["image2text"], "joint": ["image2pose"],
+         "semantic": ["text2pose"]},
+        "Tasks each reward applies to (image2pose, text2pose, image2text); elsewhere it is "
+        "undefined and left out of the sum.")
+    grpo_pose_rewards_to_text: bool = option(
+        True, "In mode grpo, add the continuous rewards (of the head's mean pose; 0 when no "
+        "pose was emitted) to the discrete reward, so discrete-only GRPO optimises the same "
+        "objective through the tokens.")
+    format_regex: str = option(
+        DEFAULT_FORMAT_REGEX, "Python regex the whole stripped answer must match for the "
+        "format reward (1 if it matches, else 0). Default: the pose answer with tolerant "
+        "whitespace.")
+    joint_reward_eps_m: float = option(
+        0.001, "joint reward = min(1 / (MPJPE_m + eps), cap) with MPJPE in metres "
+        "(pelvis-aligned, 24 SMPL joints of the body model); eps in metres.",
+        exclusive_minimum=0.0)
+    joint_reward_cap: float = option(100.0, "Upper bound of the joint reward (1/m), so a "
+                                     "perfect pose gives a finite value.", exclusive_minimum=0.0)
+    temperature: float = option(1.0, "Sampling temperature of the rollout.", exclusive_minimum=0.0)
+    max_new_tokens: int = option(24, "Longest generated answer (tokens).", minimum=1)
+    task_mix: dict[str, float] = option(
+        {"image2pose": 0.5, "text2pose": 0.5, "image2text": 0.0},
+        "Sampling weight of each task when drawing RL prompts (normalised; tasks whose data "
+        "the split lacks are an error).")
+    eval_prompts: int = option(64, "Held-out (val) prompts per pose task for the before/after "
+                               "reward measurement in rft_summary.json (0 = skip).", minimum=0)
+    eval_samples: int = option(4, "Sampled candidates per held-out prompt in that measurement "
+                               "(rewards averaged over them).", minimum=1)
+    reference_device: str = option("cpu", "Device of the frozen reference policy copy.")
+    optim: OptimConfig = option(
+        OptimConfig(lr=2e-4, warmup_steps=0, min_lr_ratio=1.0, betas=[0.9, 0.95]),
+        "Optimizer (AdamW) and LR schedule, counted in optimizer steps (steps * mu). Paper: "
+        "lr 1e-6 on LLaVA-7B; the tiny random-init model needs a larger one. min_lr_ratio 1 "
+        "keeps the LR constant.")
+    engine: EngineConfig = option(
+        EngineConfig(checkpoint_every=0, log_every=1),
+        "Training engine (shared with SFT). Here checkpoint_every and log_every count RL "
+        "steps (0: checkpoint only at the end); seed seeds prompts and sampling.")
+
+    def check(self, where: str) -> None:
+        n = self.batch_size * self.group_size
+        if n % self.micro_batch_size:
+            raise ConfigError(
+                f"{where}.micro_batch_size ({self.micro_batch_size}) must divide "
+                f"{where}.batch_size * {where}.group_size = {self.batch_size} * "
+                f"{self.group_size} = {n}; change one of them")
+        if self.clip_eps_token_high is not None and self.clip_eps_token_high <= 0:
+            raise ConfigError(f"{where}.clip_eps_token_high must be > 0 or null")
+        for key in ("reward_weights", "reward_tasks"):
+            unknown = sorted(set(getattr(self, key)) - set(REWARD_KINDS))
+            if unknown:
+                raise ConfigError(f"{where}.{key}: unknown reward {unknown[0]!r}; known: "
+                                  f"{sorted(REWARD_KINDS)}")
+        for key, kind in (("discrete_rewards", "discrete"), ("continuous_rewards", "continuous")):
+            for name in getattr(self, key):
+                if name not in REWARD_KINDS:
+                    raise ConfigError(f"{where}.{key}: unknown reward {name!r}; known: "
+                                      f"{sorted(REWARD_KINDS)}")
+                if REWARD_KINDS[name] != kind:
+                    level = "pose-level" if REWARD_KINDS[name] == "continuous" else "text-level"
+                    raise ConfigError(
+                        f"{where}.{key}: {name!r} is a {level} ({REWARD_KINDS[name]}) reward; "
+                        f"move it to {where}.{REWARD_KINDS[name]}_rewards")
+                if name not in self.reward_tasks:
+                    raise ConfigError(f"{where}.reward_tasks: missing an entry for {name!r} "
+                                      f"(listed in {where}.{key})")
+        both = set(self.discrete_rewards) & set(self.continuous_rewards)
+        if both:
+            raise ConfigError(f"{where}.discrete_rewards and {where}.continuous_rewards both "
+                              f"list {sorted(both)}")
+        for name, tasks in self.reward_tasks.items():
+            for t in tasks:
+                if t not in TASKS:
+                    raise ConfigError(f"{where}.reward_tasks.{name}: unknown task {t!r}; known: "
+                                      f"{list(TASKS)}")
+        for t, w in self.task_mix.items():
+            if t not in TASKS:
+                raise ConfigError(f"{where}.task_mix: unknown task {t!r}; known: {list(TASKS)}")
+            if w < 0:
+                raise ConfigError(f"{where}.task_mix.{t}: weight {w} must be >= 0")
+        if not any(w > 0 for w in self.task_mix.values()):
+            raise ConfigError(f"{where}.task_mix: at least one task needs a positive weight")
+        active = [n for n in self.discrete_rewards + self.continuous_rewards
+                  if self.reward_weights.get(n, 0.0) != 0.0]
+        for t, w in self.task_mix.items():
+            if w > 0 and not any(t in self.reward_tasks.get(n, []) for n in active):
+                raise ConfigError(
+                    f"{where}.task_mix.{t} > 0 but no active reward applies to {t} (see "
+                    f"{where}.reward_tasks / reward_weights); its prompts would teach nothing")
+        if self.mode == "continuous" and not any(
+                self.reward_weights.get(n, 0.0) for n in self.continuous_rewards):
+            raise ConfigError(f"{where}.mode is 'continuous' but {where}.continuous_rewards has "
+                              "no reward with a nonzero weight")
+        import re
+        try:
+            re.compile(self.format_regex)
+        except re.error as exc:
+            raise ConfigError(f"{where}.format_regex: not a valid regular expression ({exc})") from None

@@ -1,0 +1,507 @@
+"""HyGRPO math: group advantages, clipped policy losses, KL estimators.
+
+Every function here is a pure tensor function (no module state, no I/O) in the style of
+verl's ``core_algos``: losses return ``(loss, metrics)`` where ``loss`` is a scalar tensor
+that carries the graph and ``metrics`` is a flat ``dict[str, float]`` of detached values.
+
+Notation (per RL step): ``B`` prompts, ``G`` candidates per prompt, ``N = B*G`` candidates,
+``T`` completion tokens (padded), ``D`` pose dimension (144 = 24 joints x 6D).
+
+* Discrete action a_i: the completion tokens; per-token log-probs ``(N,T)`` and a mask.
+* Continuous action p_i: a pose drawn from the Gaussian head; its log-prob ``(N,)`` is the
+  joint log-density over all D dimensions. ``pose_valid (N,)`` marks candidates whose text
+  contains the ``<POSE>`` token (only those have a pose; V = number of valid candidates).
+
+The two branches get separately group-normalised advantages (F for tokens, Delta for the
+pose) and separate PPO-clipped surrogates; :func:`hygrpo_loss` sums them so the shared
+backbone receives the summed gradient. With ``mode="grpo"`` it is exactly GRPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "Registry", "ADVANTAGE_ESTIMATORS", "LOSS_AGG_MODES", "POLICY_LOSSES", "TOKEN_KL_ESTIMATORS",
+    "POSE_KL_ESTIMATORS", "HYGRPO_MODES", "group_stats", "grpo_advantage", "rloo_advantage",
+    "aggregate_loss", "agg_units", "micro_batch_weights", "ppo_clip_loss", "gaussian_ppo_clip_loss", "kl_k1", "kl_k2", "kl_k3",
+    "diag_gaussian_kl", "pose_kl", "HyGRPOParams", "hygrpo_loss",
+]
+
+# Log-ratios are clamped before exp so that one wild sample cannot produce inf/NaN; beyond
+# +-20 the ratio is far outside any clip range, so the clamp only removes gradient that the
+# clip would have removed anyway (except for the unclipped negative-advantage side, where
+# verl makes the same trade-off).
+_LOG_RATIO_LIMIT = 20.0
+
+
+class Registry(dict):
+    """Name -> callable map with a decorator and errors that list the known names."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def register(self, name: str) -> Callable:
+        def deco(fn: Callable) -> Callable:
+            if name in self:
+                raise KeyError(f"{self.what} '{name}' is registered twice")
+            self[name] = fn
+            return fn
+        return deco
+
+    def get(self, name: str) -> Callable:  # type: ignore[override]
+        if name not in self:
+            raise KeyError(f"unknown {self.what} '{name}'; known: {sorted(self)}")
+        return self[name]
+
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+LOSS_AGG_MODES = Registry("loss aggregation mode")
+POLICY_LOSSES = Registry("policy loss")
+TOKEN_KL_ESTIMATORS = Registry("token KL estimator")
+POSE_KL_ESTIMATORS = Registry("pose KL estimator")
+HYGRPO_MODES = ("hygrpo", "grpo", "continuous")
+
+
+def _stat_metrics(prefix: str, x: torch.Tensor) -> dict[str, float]:
+    """mean/std/min/max of a 1-D tensor (empty -> zeros), detached, as floats."""
+    x = x.detach().float()
+    if x.numel() == 0:
+        return {f"{prefix}/mean": 0.0, f"{prefix}/std": 0.0, f"{prefix}/min": 0.0, f"{prefix}/max": 0.0}
+    return {f"{prefix}/mean": x.mean().item(),
+            f"{prefix}/std": x.std(correction=0).item(),
+            f"{prefix}/min": x.min().item(), f"{prefix}/max": x.max().item()}
+
+
+# --------------------------------------------------------------------------- advantages
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-group statistics over the valid members. All tensors are ``(n_groups,)``."""
+    count: torch.Tensor   # number of valid members
+    mean: torch.Tensor
+    std: torch.Tensor     # unbiased (Bessel) std, 0 for groups with < 2 members
+    constant: torch.Tensor  # bool: all valid members have exactly the same reward
+
+
+def group_stats(values: torch.Tensor, group_index: torch.Tensor,
+                valid: torch.Tensor | None = None, n_groups: int | None = None) -> GroupStats:
+    """Statistics of ``values (N,)`` per group ``group_index (N,)`` over ``valid (N,)`` members.
+
+    Invalid members may hold NaN; they are never read arithmetically.
+    """
+    if values.dim() != 1 or group_index.shape != values.shape:
+        raise ValueError(f"values and group_index must both be (N,), got {tuple(values.shape)} "
+                         f"and {tuple(group_index.shape)}")
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid.bool()
+    if valid.shape != values.shape:
+        raise ValueError(f"valid must be (N,)={tuple(values.shape)}, got {tuple(valid.shape)}")
+    if not torch.isfinite(values[valid]).all():
+        raise ValueError("rewards of valid candidates must be finite (got NaN/inf); "
+                         "mark undefined rewards invalid instead")
+    group_index = group_index.long()
+    if n_groups is None:
+        n_groups = int(group_index.max().item()) + 1 if group_index.numel() else 0
+    dtype = values.dtype if values.is_floating_point() else torch.float32
+    x = torch.where(valid, values.to(dtype), torch.zeros((), dtype=dtype))
+    w = valid.to(dtype)
+    count = torch.zeros(n_groups, dtype=dtype).index_add_(0, group_index, w)
+    mean = torch.zeros(n_groups, dtype=dtype).index_add_(0, group_index, x) / count.clamp_min(1)
+    dev = (x - mean[group_index]) * w
+    sq = torch.zeros(n_groups, dtype=dtype).index_add_(0, group_index, dev * dev)
+    std = torch.where(count > 1, (sq / (count - 1).clamp_min(1)).sqrt(), torch.zeros((), dtype=dtype))
+    # Exact constancy via max == min: the floating mean of equal numbers can differ from them
+    # by one ulp, and dividing that residue by (std + eps) would invent a nonzero advantage.
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    gmax = torch.full((n_groups,), -float("inf"), dtype=dtype).scatter_reduce(
+        0, group_index, torch.where(valid, x, -inf), reduce="amax")
+    gmin = torch.full((n_groups,), float("inf"), dtype=dtype).scatter_reduce(
+        0, group_index, torch.where(valid, x, inf), reduce="amin")
+    return GroupStats(count=count, mean=mean, std=std, constant=gmax <= gmin)
+
+
+def _advantage_metrics(adv: torch.Tensor, valid: torch.Tensor, stats: GroupStats) -> dict[str, float]:
+    populated = stats.count > 0
+    informative = populated & (stats.count > 1) & ~stats.constant
+    out = _stat_metrics("adv", adv[valid])
+    out["adv/valid_frac"] = valid.float().mean().item() if valid.numel() else 0.0
+    out["adv/zero_var_group_frac"] = (
+        1.0 - informative.sum().item() / populated.sum().item() if populated.any() else 1.0)
+    return out
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo")
+def grpo_advantage(rewards: torch.Tensor, group_index: torch.Tensor,
+                   valid: torch.Tensor | None = None, *, norm_by_std: bool = True,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO outcome advantage: ``(r_i - mean_g) / (std_g + eps)`` within each prompt group.
+
+    Args:
+        rewards: ``(N,)`` scalar reward per candidate.
+        group_index: ``(N,)`` int, the prompt each candidate belongs to.
+        valid: ``(N,)`` bool or None (all valid). Statistics use valid members only
+            (the continuous branch: the V candidates with a pose); invalid ones get 0.
+        norm_by_std: divide by the group std (GRPO) or only centre (Dr. GRPO).
+        eps: added to the std.
+    Returns:
+        ``advantages (N,)`` (no grad) and metrics. Groups with fewer than two valid members
+        or with identical rewards give exactly zero advantage (never NaN).
+    """
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    stats = group_stats(rewards, group_index, valid)
+    g = group_index.long()
+    r = torch.where(valid, rewards, torch.zeros((), dtype=rewards.dtype)).detach()
+    adv = r - stats.mean[g]
+    if norm_by_std:
+        adv = adv / (stats.std[g] + eps)
+    informative = (stats.count[g] > 1) & ~stats.constant[g] & valid
+    adv = torch.where(informative, adv, torch.zeros((), dtype=adv.dtype))
+    return adv, _advantage_metrics(adv, valid, stats)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo_advantage(rewards: torch.Tensor, group_index: torch.Tensor,
+                   valid: torch.Tensor | None = None, *, norm_by_std: bool = False,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, dict[str, float]]:
+    """Leave-one-out baseline: ``r_i - mean_{j != i} r_j = n/(n-1) (r_i - mean_g)``.
+
+    Same arguments and zero-advantage rules as :func:`grpo_advantage`; ``norm_by_std``
+    additionally divides by the group std.
+    """
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    stats = group_stats(rewards, group_index, valid)
+    g = group_index.long()
+    n = stats.count[g]
+    r = torch.where(valid, rewards, torch.zeros((), dtype=rewards.dtype)).detach()
+    adv = (r - stats.mean[g]) * n / (n - 1).clamp_min(1)
+    if norm_by_std:
+        adv = adv / (stats.std[g] + eps)
+    informative = (n > 1) & ~stats.constant[g] & valid
+    adv = torch.where(informative, adv, torch.zeros((), dtype=adv.dtype))
+    return adv, _advantage_metrics(adv, valid, stats)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+def _zero_like_graph(x: torch.Tensor) -> torch.Tensor:
+    """A scalar 0 that stays connected to ``x``'s graph (so backward() works when empty)."""
+    return (x * 0).sum()
+
+
+@LOSS_AGG_MODES.register("token-mean")
+def _agg_token_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over all tokens / total number of tokens (long answers weigh more)."""
+    m = mask.to(loss.dtype)
+    return (loss * m).sum() / m.sum().clamp_min(1)
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-mean")
+def _agg_seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's 1/G sum_i 1/|o_i| sum_t: mean per sequence, then mean over the sequences that
+    have at least one token (an empty completion has no token to credit)."""
+    m = mask.to(loss.dtype)
+    n_tok = m.sum(-1)
+    has = n_tok > 0
+    per_seq = (loss * m).sum(-1) / n_tok.clamp_min(1)
+    return (per_seq * has).sum() / has.sum().clamp_min(1)
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum")
+def _agg_seq_mean_token_sum(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over each sequence's tokens, mean over sequences with at least one token."""
+    m = mask.to(loss.dtype)
+    has = m.sum(-1) > 0
+    return ((loss * m).sum(-1) * has).sum() / has.sum().clamp_min(1)
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum-norm")
+def _agg_seq_mean_token_sum_norm(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO: total token sum / (N * T) with T the padded length (a constant budget)."""
+    m = mask.to(loss.dtype)
+    return (loss * m).sum() / max(loss.shape[0] * loss.shape[-1], 1)
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a per-token loss ``(N,T)`` under ``mask (N,T)`` to a scalar by ``mode``."""
+    if loss.shape != mask.shape:
+        raise ValueError(f"loss {tuple(loss.shape)} and mask {tuple(mask.shape)} differ")
+    return LOSS_AGG_MODES.get(mode)(loss, mask)
+
+
+def agg_units(mask: torch.Tensor, mode: str) -> float:
+    """What ``mode`` divides by, counted on ``mask (n,T)``: tokens (token-mean), sequences
+    with a token (seq-mean-*), or rows (seq-mean-token-sum-norm, same padded T)."""
+    LOSS_AGG_MODES.get(mode)  # validates the name
+    if mode == "token-mean":
+        return float(mask.float().sum())
+    if mode == "seq-mean-token-sum-norm":
+        return float(mask.shape[0])
+    return float((mask.float().sum(-1) > 0).sum())
+
+
+def micro_batch_weights(token_mask_micro: torch.Tensor, token_mask_full: torch.Tensor,
+                        pose_valid_micro: torch.Tensor | None, pose_valid_full: torch.Tensor | None,
+                        loss_agg_mode: str) -> tuple[float, float]:
+    """Weights ``(w_token, w_pose)`` such that summing ``w_token * L_d + w_pose * L_c`` over
+    micro-batches gives exactly the full-batch loss (gradient accumulation that is not
+    biased by uneven token/valid counts per micro-batch). Masks: ``(m,T)``/``(N,T)`` and
+    ``(m,)``/``(N,)``."""
+    full = agg_units(token_mask_full, loss_agg_mode)
+    w_tok = agg_units(token_mask_micro, loss_agg_mode) / full if full > 0 else 0.0
+    w_pose = 0.0
+    if pose_valid_full is not None and pose_valid_micro is not None:
+        v_full = float(pose_valid_full.float().sum())
+        w_pose = float(pose_valid_micro.float().sum()) / v_full if v_full > 0 else 0.0
+    return w_tok, w_pose
+
+
+# --------------------------------------------------------------------------- policy losses
+
+def _clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                       clip_low: float, clip_high: float):
+    """Per-element PPO loss ``max(-A r, -A clip(r))`` plus ratio and clipped-indicator."""
+    log_ratio = (logp - old_logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), ratio, log_ratio, clipped > unclipped
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x.detach()[mask.bool()]
+
+
+@POLICY_LOSSES.register("ppo_clip")
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  mask: torch.Tensor, *, clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                  loss_agg_mode: str = "seq-mean-token-mean",
+                  extra_token_loss: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clipped token surrogate (the discrete branch).
+
+    Args:
+        logp, old_logp: ``(N,T)`` log-probs of the sampled tokens under the current and the
+            rollout policy (old is constant).
+        advantages: ``(N,)`` one advantage per sequence (outcome reward), broadcast over T.
+        mask: ``(N,T)`` 1 for completion tokens.
+        clip_eps, clip_eps_high: ratio clipped to ``[1-clip_eps, 1+clip_eps_high]``
+            (high defaults to clip_eps; a larger high is DAPO's clip-higher).
+        loss_agg_mode: key of :data:`LOSS_AGG_MODES`.
+        extra_token_loss: optional ``(N,T)`` term added per token before aggregation
+            (the KL penalty), so both are aggregated the same way.
+    Returns:
+        scalar loss, metrics ``pg_loss``, ``clipfrac``, ``approx_kl`` (E[log old - log new]),
+        ``ratio/{mean,min,max}``.
+    """
+    if logp.shape != old_logp.shape or logp.shape != mask.shape or logp.dim() != 2:
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
+                         f"{tuple(mask.shape)} must all be (N,T)")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be (N,)={tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    per_tok, ratio, log_ratio, clipped = _clipped_surrogate(
+        logp, old_logp.detach(), advantages.detach()[:, None].to(logp.dtype), clip_eps, high)
+    pg_loss = aggregate_loss(per_tok, mask, loss_agg_mode)
+    loss = pg_loss if extra_token_loss is None else aggregate_loss(per_tok + extra_token_loss, mask, loss_agg_mode)
+    r = _masked(ratio, mask)
+    metrics = {"pg_loss": pg_loss.item(),
+               "clipfrac": _masked(clipped.float(), mask).mean().item() if r.numel() else 0.0,
+               "approx_kl": (-_masked(log_ratio, mask)).mean().item() if r.numel() else 0.0}
+    metrics.update(_stat_metrics("ratio", r))
+    return loss, metrics
+
+
+@POLICY_LOSSES.register("gaussian_ppo_clip")
+def gaussian_ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                           mask: torch.Tensor, *, clip_eps: float = 0.2,
+                           clip_eps_high: float | None = None, loss_agg_mode: str = "token-mean",
+                           extra_token_loss: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clipped surrogate of the continuous pose action (the continuous branch).
+
+    ``r_c = exp(log N(p | mu_new, s_new) - log N(p | mu_old, s_old))`` with the joint
+    log-density over all D dims, and
+    ``L_c = -1/V sum_{i valid} min(r_c Delta_i, clip(r_c, 1-eps, 1+eps) Delta_i)``.
+
+    Args:
+        logp, old_logp: ``(N,)`` pose log-densities (current, rollout).
+        advantages: ``(N,)`` Delta (0 where invalid).
+        mask: ``(N,)`` bool, the valid candidates (V = mask.sum()).
+        loss_agg_mode: must be "token-mean" (the mean over the V valid candidates).
+        extra_token_loss: optional ``(N,)`` per-candidate term (the pose KL penalty).
+    It is :func:`ppo_clip_loss` with one "token" per candidate.
+    """
+    if loss_agg_mode != "token-mean":
+        raise ValueError("the continuous branch averages over the V valid candidates; "
+                         f"loss_agg_mode must be 'token-mean', got {loss_agg_mode!r}")
+    if logp.dim() != 1 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
+                         f"{tuple(mask.shape)} must all be (N,)")
+    extra = None if extra_token_loss is None else extra_token_loss[:, None]
+    return ppo_clip_loss(logp[:, None], old_logp[:, None], advantages, mask[:, None],
+                         clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                         loss_agg_mode="token-mean", extra_token_loss=extra)
+
+
+# --------------------------------------------------------------------------- KL estimators
+# All estimate KL(pi_theta || pi_ref) from samples x ~ pi_theta (Schulman's k1/k2/k3):
+# with log_r = log pi_ref(x) - log pi_theta(x):  k1 = -log_r (unbiased, high variance, can be
+# negative), k2 = log_r^2 / 2 (biased, low variance), k3 = exp(log_r) - log_r - 1 (unbiased,
+# always >= 0).
+
+@TOKEN_KL_ESTIMATORS.register("k1")
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """``logp - ref_logp``, elementwise (any shape)."""
+    return logp - ref_logp
+
+
+@TOKEN_KL_ESTIMATORS.register("k2")
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """``0.5 (logp - ref_logp)^2``, elementwise."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+@TOKEN_KL_ESTIMATORS.register("k3")
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """``exp(ref - logp) - (ref - logp) - 1`` elementwise; >= 0 by convexity of exp."""
+    log_r = (ref_logp - logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    return torch.exp(log_r) - log_r - 1.0
+
+
+def diag_gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
+                     std_q: torch.Tensor) -> torch.Tensor:
+    """Closed-form KL(N(mean_p, diag std_p^2) || N(mean_q, diag std_q^2)), inputs ``(...,D)``
+    -> ``(...)``: sum_d log(s_q/s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2."""
+    var_p, var_q = std_p ** 2, std_q ** 2
+    return (torch.log(std_q / std_p) + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5).sum(-1)
+
+
+def _dist_kl(p, q) -> torch.Tensor:
+    """``p.kl(q)`` for the policy's pose distribution; torch.distributions as a fallback."""
+    if hasattr(p, "kl"):
+        return p.kl(q)
+    return torch.distributions.kl_divergence(p, q)
+
+
+@POSE_KL_ESTIMATORS.register("analytic")
+def _pose_kl_analytic(dist, ref_dist, sample: torch.Tensor) -> torch.Tensor:
+    """Exact KL(pi_theta(.|s) || pi_ref(.|s)) per candidate ``(N,)``; ignores the sample."""
+    return _dist_kl(dist, ref_dist)
+
+
+@POSE_KL_ESTIMATORS.register("k3")
+def _pose_kl_k3(dist, ref_dist, sample: torch.Tensor) -> torch.Tensor:
+    """k3 on the sampled pose ``(N,D)`` -> ``(N,)`` (one-sample estimate)."""
+    return kl_k3(dist.log_prob(sample), ref_dist.log_prob(sample).detach())
+
+
+def pose_kl(estimator: str, dist, ref_dist, sample: torch.Tensor) -> torch.Tensor:
+    """Per-candidate pose KL ``(N,)`` by a :data:`POSE_KL_ESTIMATORS` key. ``dist`` and
+    ``ref_dist`` are batched distributions over ``(N,D)`` with ``log_prob(x) -> (N,)``."""
+    return POSE_KL_ESTIMATORS.get(estimator)(dist, ref_dist, sample)
+
+
+# --------------------------------------------------------------------------- HyGRPO
+
+@dataclass(frozen=True)
+class HyGRPOParams:
+    """Hyperparameters of :func:`hygrpo_loss` (mirrors the ``rft`` config section)."""
+    mode: str = "hygrpo"                 # "hygrpo" | "grpo" | "continuous"
+    clip_eps_token: float = 0.2
+    clip_eps_token_high: float | None = None
+    clip_eps_pose: float = 0.2
+    beta_token: float = 0.04
+    beta_pose: float = 0.04
+    token_kl_estimator: str = "k3"
+    loss_agg_mode: str = "seq-mean-token-mean"
+    token_policy_loss: str = "ppo_clip"
+    pose_policy_loss: str = "gaussian_ppo_clip"
+
+
+def hygrpo_loss(*, params: HyGRPOParams,
+                token_logprobs: torch.Tensor | None = None,
+                old_token_logprobs: torch.Tensor | None = None,
+                ref_token_logprobs: torch.Tensor | None = None,
+                completion_mask: torch.Tensor | None = None,
+                token_advantages: torch.Tensor | None = None,
+                pose_logprob: torch.Tensor | None = None,
+                old_pose_logprob: torch.Tensor | None = None,
+                pose_kl_to_ref: torch.Tensor | None = None,
+                pose_valid: torch.Tensor | None = None,
+                pose_advantages: torch.Tensor | None = None,
+                token_weight: float = 1.0, pose_weight: float = 1.0,
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """HyGRPO objective (to minimise) = discrete term + continuous term.
+
+    Discrete (modes hygrpo, grpo): ``agg_t[ -min(r A, clip(r) A) + beta_token KL_t ]`` over
+    tokens ``(N,T)`` with advantages F ``(N,)``; ``ref_token_logprobs`` may be None when
+    ``beta_token == 0``.
+    Continuous (modes hygrpo, continuous): ``1/V sum_valid [ -min(r_c D, clip(r_c) D) +
+    beta_pose KL_pose ]`` with pose log-densities ``(N,)``, advantages Delta ``(N,)``,
+    ``pose_valid (N,)`` and ``pose_kl_to_ref (N,)`` from :func:`pose_kl` (may be None when
+    ``beta_pose == 0``). V == 0 gives a zero continuous term (still differentiable).
+
+    ``token_weight``/``pose_weight`` scale the two terms (micro-batch accumulation, see
+    :func:`micro_batch_weights`); metrics report the unscaled terms.
+
+    Returns the scalar loss and metrics prefixed ``token/``, ``pose/`` and ``loss/``.
+    """
+    if params.mode not in HYGRPO_MODES:
+        raise ValueError(f"mode must be one of {HYGRPO_MODES}, got {params.mode!r}")
+    metrics: dict[str, float] = {}
+    total = None
+    if params.mode in ("hygrpo", "grpo"):
+        for name, t in (("token_logprobs", token_logprobs), ("old_token_logprobs", old_token_logprobs),
+                        ("completion_mask", completion_mask), ("token_advantages", token_advantages)):
+            if t is None:
+                raise ValueError(f"mode {params.mode!r} needs {name}")
+        kl_tok = None
+        if params.beta_token != 0.0:
+            if ref_token_logprobs is None:
+                raise ValueError("beta_token != 0 needs ref_token_logprobs")
+            kl_tok = TOKEN_KL_ESTIMATORS.get(params.token_kl_estimator)(
+                token_logprobs, ref_token_logprobs.detach())
+        loss_d, m = POLICY_LOSSES.get(params.token_policy_loss)(
+            token_logprobs, old_token_logprobs, token_advantages, completion_mask,
+            clip_eps=params.clip_eps_token, clip_eps_high=params.clip_eps_token_high,
+            loss_agg_mode=params.loss_agg_mode,
+            extra_token_loss=None if kl_tok is None else params.beta_token * kl_tok)
+        metrics.update({f"token/{k}": v for k, v in m.items()})
+        if kl_tok is not None:
+            metrics["token/kl_ref"] = _masked(kl_tok, completion_mask).mean().item() \
+                if completion_mask.any() else 0.0
+        metrics["loss/discrete"] = loss_d.item()
+        total = loss_d if token_weight == 1.0 else token_weight * loss_d
+    if params.mode in ("hygrpo", "continuous"):
+        for name, t in (("pose_logprob", pose_logprob), ("old_pose_logprob", old_pose_logprob),
+                        ("pose_valid", pose_valid), ("pose_advantages", pose_advantages)):
+            if t is None:
+                raise ValueError(f"mode {params.mode!r} needs {name}")
+        if params.beta_pose != 0.0 and pose_kl_to_ref is None:
+            raise ValueError("beta_pose != 0 needs pose_kl_to_ref")
+        valid = pose_valid.bool()
+        # Invalid candidates have no pose; their log-densities may be garbage -> zero them so
+        # that NaN * 0 cannot leak into the gradient.
+        zero = torch.zeros((), dtype=pose_logprob.dtype)
+        lp = torch.where(valid, pose_logprob, zero)
+        old_lp = torch.where(valid, old_pose_logprob.detach(), zero)
+        kl_pose = None
+        if params.beta_pose != 0.0:
+            kl_pose = torch.where(valid, pose_kl_to_ref, zero)
+        loss_c, m = POLICY_LOSSES.get(params.pose_policy_loss)(
+            lp, old_lp, torch.where(valid, pose_advantages, zero), valid,
+            clip_eps=params.clip_eps_pose, loss_agg_mode="token-mean",
+            extra_token_loss=None if kl_pose is None else params.beta_pose * kl_pose)
+        metrics.update({f"pose/{k}": v for k, v in m.items()})
+        if kl_pose is not None:
+            metrics["pose/kl_ref"] = kl_pose.detach()[valid].mean().item() if valid.any() else 0.0
+        metrics["pose/valid_frac"] = valid.float().mean().item() if valid.numel() else 0.0
+        metrics["loss/continuous"] = loss_c.item()
+        loss_c = loss_c if pose_weight == 1.0 else pose_weight * loss_c
+        total = loss_c if total is None else total + loss_c
+    metrics["loss/total"] = metrics.get("loss/discrete", 0.0) + metrics.get("loss/continuous", 0.0)
+    return total, metrics

@@ -1,0 +1,262 @@
+"""The HyGRPO trainer on a tiny saved policy, a tiny reward model and small split files."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from poserft.rl.config import RFTConfig
+from poserft.rl import trainer as T
+
+N_POSES, IMG = 12, 16
+
+
+def _split(path, seed):
+    from poserft.body import load
+    from poserft.data.h5io import write_split
+    from poserft.model.testing import TEST_TEXTS
+
+    rng = np.random.default_rng(seed)
+    body_pose = (rng.normal(size=(N_POSES, 23, 3)) * 0.3).astype(np.float32)
+    orient = (rng.normal(size=(N_POSES, 3)) * 0.3).astype(np.float32)
+    joints = load(None)(torch.as_tensor(orient), torch.as_tensor(body_pose)).numpy()
+    arrays = {
+        "poses/global_orient": orient, "poses/body_pose": body_pose,
+        "poses/betas": np.zeros((N_POSES, 10), np.float32), "joints": joints,
+        "images": rng.integers(0, 256, size=(N_POSES, IMG, IMG, 3), dtype=np.uint8),
+        "image_pose/global_orient": orient,
+        "captions/text": [TEST_TEXTS[i % 3] for i in range(N_POSES)],
+        "captions/pose_index": np.arange(N_POSES),
+    }
+    return write_split(path, arrays, {"source": "unit", "split": path.stem,
+                                      "body_model": "skeleton", "converter_params": {}})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: thread oversubscription costs 10-30x
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _teach_answer_format(policy, split_path, steps=25):
+    """A few supervised steps so the tiny policy emits 'The SMPL pose ... <POSE>.' (a random
+    policy almost never emits <POSE>, which would leave RL nothing to optimise)."""
+    from poserft.train.data import SFTTaskData
+
+    data = SFTTaskData(split_path, policy.config, {"text2pose": 1.0, "image2pose": 1.0})
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for s in range(steps):
+        b = data.batch(s, 0, 8)
+        loss, _ = policy.sft_loss(policy.sft_batch(b["prompts"], b["answers"], b["images"],
+                                                   b["poses"], b["has_pose"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return policy.eval()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_thread):
+    from poserft.model.io import save_policy
+    from poserft.model.testing import tiny_policy
+    from poserft.retrieval.checkpoint import save_retrieval_model
+    from poserft.retrieval.config import RetrievalConfig
+    from poserft.retrieval.model import RetrievalArch, RetrievalModel
+
+    root = tmp_path_factory.mktemp("rftworld")
+    torch.manual_seed(0)
+    policy, tok = tiny_policy(root)
+    splits = {"train": _split(root / "train.h5", 0), "val": _split(root / "val.h5", 1)}
+    save_policy(_teach_answer_format(policy, splits["train"]), root / "sft" / "final")
+    rcfg = RetrievalConfig.from_dict(dict(d_model=16, n_layers=1, n_heads=2, ff_dim=32,
+                                          pose_hidden_dim=32, latent_dim=8), where="retrieval")
+    arch = RetrievalArch.from_config(rcfg, len(tok), tok.pad_token_id, tok.bos_token_id)
+    save_retrieval_model(RetrievalModel(arch, tok).eval(), root / "reward", {"role": "reward"})
+    return {"root": root, "sft": root / "sft", "reward": root / "reward", "splits": splits}
+
+
+def _cfg(**kw):
+    d = dict(steps=2, batch_size=2, group_size=4, micro_batch_size=4, mu=2, max_new_tokens=12,
+             eval_prompts=2, eval_samples=2, beta_token=0.05, beta_pose=0.05,
+             optim={"lr": 1e-3, "warmup_steps": 0, "min_lr_ratio": 1.0},
+             engine={"checkpoint_every": 1, "log_every": 1})
+    d.update(kw)
+    return RFTConfig.from_dict(d, where="rft")
+
+
+def _setup(world, cfg, tmp_path):
+    from poserft.model.io import load_policy
+    from poserft.rl.rollout import PromptSampler
+    from poserft.train.data import SFTTaskData
+    from poserft.train.engine import TrainEngine
+
+    policy = load_policy(world["sft"])
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    mix = {t: w for t, w in cfg.task_mix.items() if w > 0}
+    sampler = PromptSampler(SFTTaskData(world["splits"]["train"], policy.config, mix), mix)
+    ctx = T.build_reward_context(cfg, world["reward"], need_text=False)
+    engine = TrainEngine(policy, cfg.optim, cfg.engine, cfg.steps * cfg.mu, tmp_path,
+                         grad_accum=2, micro_batch_size=cfg.micro_batch_size)
+    return policy, reference, sampler, ctx, engine
+
+
+def test_first_update_pass_has_unit_ratios_and_exact_micro_shares(world, tmp_path):
+    cfg = _cfg()
+    policy, reference, sampler, ctx, engine = _setup(world, cfg, tmp_path)
+    from poserft.rl.rewards import compute_rewards
+    from poserft.rl.rollout import generate_group, reward_inputs
+
+    batch = sampler.sample(0, cfg.batch_size)
+    rollout = generate_group(policy, batch, cfg.group_size, cfg.max_new_tokens, 1.0,
+                             torch.Generator().manual_seed(0))
+    rewards = compute_rewards(reward_inputs(batch, rollout), ctx, cfg.reward_weights,
+                              cfg.discrete_rewards, cfg.continuous_rewards)
+    micro, adv_m = T.prepare_micro_batches(batch, rollout, rewards, cfg, reference)
+    assert len(micro) == 2 and "adv_token/mean" in adv_m
+    assert sum(m.token_weight for m in micro) == pytest.approx(1.0)
+    loss_fn = T.make_loss_fn(batch, cfg, len(micro))
+    policy.train()
+    for mb in micro:
+        _, metrics = loss_fn(policy, mb)
+        assert metrics["token/ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+        assert metrics["token/clipfrac"] == 0.0
+        # the reference is the same weights: every KL estimate is ~0
+        assert abs(metrics["token/kl_ref"]) < 1e-6
+        # the policy's own rollout log-probs agree with the teacher-forced recompute
+        tok_mask = mb.rollout.completion_mask > 0
+        torch.testing.assert_close(mb.old_token_logprobs[tok_mask],
+                                   mb.rollout.token_logprobs[tok_mask], rtol=1e-4, atol=1e-4)
+        if mb.pose_valid.any():
+            assert metrics["pose/ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+            assert abs(metrics["pose/kl_ref"]) < 1e-6
+
+
+def test_backbone_gets_the_summed_gradient(world, tmp_path):
+    """grad(hygrpo) == grad(grpo) + grad(continuous) on the real policy, same micro-batch."""
+    cfg = _cfg()
+    policy, reference, sampler, ctx, engine = _setup(world, cfg, tmp_path)
+    from poserft.rl.rollout import generate_group
+
+    batch = sampler.sample(1, cfg.batch_size)
+    rollout = generate_group(policy, batch, cfg.group_size, cfg.max_new_tokens, 1.0,
+                             torch.Generator().manual_seed(1))
+    n = len(rollout)
+    gen = torch.Generator().manual_seed(3)
+    valid = rollout.pose_valid.clone()
+    assert valid.any()
+    grads = {}
+    for mode in ("hygrpo", "grpo", "continuous"):
+        mb = T.MicroBatch(rollout=rollout, token_advantages=torch.randn(n, generator=gen),
+                          pose_advantages=torch.randn(n, generator=gen) * valid, pose_valid=valid,
+                          token_weight=1.0, pose_weight=1.0)
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(3)  # same advantages for every mode
+        policy.zero_grad(set_to_none=True)
+        loss, _ = T.make_loss_fn(batch, _cfg(mode=mode, beta_token=0.0, beta_pose=0.0), 1)(policy, mb)
+        loss.backward()
+        grads[mode] = {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                       for k, p in policy.named_parameters()}
+    lm = [k for k in grads["hygrpo"] if "language_model" in k]
+    head = [k for k in grads["hygrpo"] if k.startswith("pose_head")]
+    assert lm and head
+    for k in lm + head:
+        torch.testing.assert_close(grads["hygrpo"][k], grads["grpo"][k] + grads["continuous"][k],
+                                   rtol=1e-4, atol=1e-6)
+    # the discrete branch never reaches the pose head; the continuous one reaches the backbone
+    assert all(grads["grpo"][k].abs().sum() == 0 for k in head)
+    assert any(grads["continuous"][k].abs().sum() > 0 for k in lm)
+
+
+@pytest.mark.parametrize("mode", ["hygrpo", "grpo"])
+def test_run_rft_end_to_end_and_resume(world, tmp_path, mode):
+    from poserft.model.io import load_policy
+
+    out = tmp_path / "rft"
+    cfg = _cfg(mode=mode, steps=1)
+    s1 = T.run_rft(None, cfg, world["sft"], world["reward"], world["splits"], out)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "rft_summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "rft_summary.json").read_text())
+    assert summary == json.loads(json.dumps(s1))
+    assert summary["optimizer_steps"] == cfg.mu
+    for part in ("heldout_before", "heldout_after"):
+        for key in ("image2pose/joint", "image2pose/joint_mean_pose", "image2pose/mpjpe_mm_mean_pose",
+                    "text2pose/semantic", "text2pose/semantic_mean_pose"):
+            assert np.isfinite(summary[part][key]), (part, key)
+    last = summary["last_step"]
+    assert np.isfinite(last["loss/total"])
+    # precondition of the parameter checks below: the rollout had something to learn
+    assert last["adv_token/std"] > 0 if mode == "grpo" else last["adv_pose/std"] > 0
+    sft, rft = load_policy(world["sft"]), load_policy(out)
+    sft_sd, rft_sd = sft.state_dict(), rft.state_dict()
+    changed = {k for k in sft_sd if not torch.equal(sft_sd[k], rft_sd[k])}
+    assert any("language_model" in k for k in changed)
+    head_changed = any(k.startswith("pose_head") for k in changed)
+    assert head_changed == (mode == "hygrpo")
+
+    # resume: a longer run continues from the checkpoint, keeps the SFT-start measurement
+    s2 = T.run_rft(None, _cfg(mode=mode, steps=2), world["sft"], world["reward"],
+                   world["splits"], out)
+    assert s2["optimizer_steps"] == 2 * cfg.mu
+    assert s2["heldout_before"] == s1["heldout_before"]
+
+
+def test_mode_needs_gaussian_head(world, tmp_path):
+    from poserft.model.io import save_policy
+    from poserft.model.testing import tiny_policy
+
+    policy, _ = tiny_policy(tmp_path, head="deterministic")
+    save_policy(policy, tmp_path / "det")
+    with pytest.raises(ValueError, match="model.head=gaussian"):
+        T.run_rft(None, _cfg(), tmp_path / "det", world["reward"], world["splits"], tmp_path / "o")
+
+
+def test_out_dir_with_foreign_content_is_refused(world, tmp_path):
+    run_dir = tmp_path / "seed0"
+    (run_dir / "sft").mkdir(parents=True)
+    with pytest.raises(ValueError, match="would delete"):
+        T.run_rft(None, _cfg(), world["sft"], world["reward"], world["splits"], run_dir)
+    assert (run_dir / "sft").is_dir()
+
+
+def test_prompt_sampler_is_deterministic_and_checks_the_mix(world, tmp_path):
+    from poserft.data.h5io import SplitReader, write_split
+    from poserft.model.io import load_policy
+    from poserft.rl.rollout import PromptSampler, generate_group, reward_inputs
+    from poserft.train.data import SFTTaskData
+
+    policy = load_policy(world["sft"])
+    mix = {"image2pose": 1.0, "text2pose": 3.0}
+    sampler = PromptSampler(SFTTaskData(world["splits"]["train"], policy.config, mix), mix, seed=5)
+    assert sampler.items(3, 6) == sampler.items(3, 6) != sampler.items(4, 6)
+    batch = sampler.sample(3, 6)
+    for task, cap, prompt in zip(batch.tasks, batch.captions, batch.prompts):
+        assert (cap is not None) == (task == "text2pose")
+        assert ("<image>" in prompt) == (task == "image2pose")
+        if cap is not None:
+            assert cap in prompt
+    # candidates inherit their prompt's data; mode grpo scores the head mean
+    rollout = generate_group(policy, batch, 3, 12, 1.0, torch.Generator().manual_seed(0))
+    inp = reward_inputs(batch, rollout, "mean")
+    assert inp.tasks == [t for t in batch.tasks for _ in range(3)]
+    torch.testing.assert_close(inp.poses, rollout.pose_mean)
+    torch.testing.assert_close(inp.gt_poses, batch.gt_poses.repeat_interleave(3, 0))
+    torch.testing.assert_close(reward_inputs(batch, rollout).poses, rollout.pose_sample)
+
+    # a split without images cannot serve image2pose prompts: a clear error, not a silent drop
+    with SplitReader(world["splits"]["train"]) as r:
+        arrays = {k: r.read(k) for k in ("poses/global_orient", "poses/body_pose", "poses/betas",
+                                         "joints", "captions/text", "captions/pose_index")}
+    arrays["captions/text"] = [str(t) for t in arrays["captions/text"]]
+    no_img = write_split(tmp_path / "noimg.h5", arrays, {"source": "unit", "split": "train",
+                                                         "body_model": "skeleton",
+                                                         "converter_params": {}})
+    with pytest.raises(ValueError, match="image2pose"):
+        PromptSampler(SFTTaskData(no_img, policy.config, mix), mix)
