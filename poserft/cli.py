@@ -1,0 +1,248 @@
+"""The ``poserft`` command: generate a pose from text or an image, describe a checkpoint.
+
+    poserft generate --text "The person is squatting." --checkpoint results/runs/dist_rft/seed0/rft
+    poserft generate --image person.png --checkpoint DIR --samples 4 --out poses.npz --render poses.png
+    poserft info results/runs/dist_rft/seed0/rft
+
+``generate`` prints the answer text of every sample and writes (``--out``, npz) the SMPL
+parameters in axis-angle, ``global_orient (S,3)``, ``body_pose (S,23,3)``, ``betas (S,10)``
+(zeros: the model predicts pose only), plus ``joints (S,24,3)`` (metres, the body model's
+forward kinematics), ``vec6d (S,144)``, ``pose_valid (S,)`` and ``texts (S,)``. One sample
+is the greedy answer with the head's mean pose; more samples are drawn at
+``--temperature``.
+
+Errors (missing checkpoint, unreadable image, wrong image kind) print one line naming the
+path and the fix, and exit with status 1; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "CliError", "load_image", "describe_checkpoint", "generate"]
+
+# PIL modes we can turn into 8-bit RGB without guessing (alpha is dropped, grey replicated).
+_ACCEPTED_MODES = {"RGB": "RGB", "RGBA": "RGB with alpha", "L": "8-bit grey", "P": "palette"}
+_POLICY_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# ------------------------------------------------------------------------------ inputs --
+def _policy_dir(path: str | os.PathLike) -> Path:
+    """The policy directory at ``path`` (or its ``final/``), else a CliError with the fix."""
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"checkpoint {p} does not exist; pass --checkpoint a policy directory "
+                       "(model.safetensors, config.json, tokenizer.json), e.g. "
+                       "results/runs/dist_rft/seed0/rft")
+    if not p.is_dir():
+        raise CliError(f"checkpoint {p} is a file, not a directory; pass the folder that holds "
+                       "model.safetensors, config.json and tokenizer.json")
+    for cand in (p, p / "final"):
+        if all((cand / f).is_file() for f in _POLICY_FILES):
+            return cand
+    missing = [f for f in _POLICY_FILES if not (p / f).is_file()]
+    raise CliError(f"checkpoint {p} is not a policy directory (missing {', '.join(missing)}); "
+                   "point at the output folder of the sft/rft rule (or re-export it with "
+                   "poserft.model.io.save_policy)")
+
+
+def load_image(path: str | os.PathLike):
+    """Image file -> (H,W,3) uint8 RGB array; CliError naming the path and the fix otherwise."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"image {p} does not exist; pass --image an RGB PNG or JPEG file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            mode = im.mode
+            if mode not in _ACCEPTED_MODES:
+                bands = len(im.getbands())
+                raise CliError(f"image {p} has mode {mode!r} ({bands} channel{'s' * (bands != 1)}"
+                               f"); expected 8-bit RGB (or RGBA/grey/palette): convert it, e.g. "
+                               f"save it as an RGB PNG")
+            return np.array(im.convert("RGB"), dtype=np.uint8)   # writable copy
+    except UnidentifiedImageError:
+        raise CliError(f"image {p} is not a readable image file; pass an RGB PNG or JPEG") from None
+    except OSError as exc:
+        raise CliError(f"image {p} could not be read ({exc}); pass an intact RGB PNG or JPEG") from None
+
+
+# ------------------------------------------------------------------------- commands --
+def _count_parameters(weights: Path) -> tuple[int, int]:
+    """(parameters, tensors) from the safetensors header, without loading the weights."""
+    from safetensors import safe_open
+
+    total, count = 0, 0
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            n = 1
+            for d in f.get_slice(key).get_shape():
+                n *= int(d)
+            total += n
+            count += 1
+    return total, count
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """Model config, parameter count, vocabulary size and files of a policy directory."""
+    d = _policy_dir(path)
+    try:
+        meta = json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{d / 'config.json'} is not valid JSON ({exc}); re-export the policy") from None
+    params, tensors = _count_parameters(d / "model.safetensors")
+    files = {f.name: f.stat().st_size for f in sorted(d.iterdir()) if f.is_file()}
+    out = {"path": str(d), "format": meta.get("format"), "version": meta.get("version"),
+           "parameters": params, "tensors": tensors, "vocab_size": meta.get("vocab_size"),
+           "model": meta.get("model", {}), "files": files}
+    summary = d / "rft_summary.json"
+    if summary.is_file():
+        try:
+            out["rft_summary"] = json.loads(summary.read_text())
+        except json.JSONDecodeError:
+            out["rft_summary"] = "unreadable"
+    return out
+
+
+def _print_info(info: dict) -> None:
+    model = info["model"]
+    print(f"checkpoint   {info['path']}  ({info['format']} v{info['version']})")
+    print(f"parameters   {info['parameters']:,} in {info['tensors']} tensors")
+    print(f"vocab size   {info['vocab_size']}")
+    keys = ("checkpoint", "head", "covariance", "fusion", "text_hidden_size", "text_layers",
+            "clip_image_size")
+    print("model        " + ", ".join(f"{k}={model.get(k)}" for k in keys if k in model))
+    print("files        " + ", ".join(f"{n} ({s:,} B)" for n, s in info["files"].items()))
+    print("config       " + json.dumps(model, sort_keys=True))
+
+
+def generate(checkpoint: str | os.PathLike, text: str | None = None, image: str | None = None,
+             samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 24,
+             seed: int = 0) -> dict:
+    """Run the policy on one prompt -> dict of numpy arrays (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    if (text is None) == (image is None):
+        raise CliError("give exactly one of --text or --image")
+    if samples < 1:
+        raise CliError(f"--samples must be >= 1, got {samples}")
+    d = _policy_dir(checkpoint)
+    pixels = load_image(image) if image is not None else None      # fail before loading
+    from poserft.body import load as load_body
+    from poserft.body import vec6d_to_smpl
+    from poserft.model.io import PolicyFileError, load_policy
+
+    try:
+        policy = load_policy(d)
+    except (PolicyFileError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise CliError(f"checkpoint {d} could not be loaded ({exc}); re-export it with "
+                       "poserft.model.io.save_policy") from None
+    prompt = policy.text2pose_prompt(text) if text is not None else policy.image2pose_prompt()
+    images = None if pixels is None else pixels[None]
+    greedy = samples == 1
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    with torch.inference_mode():
+        roll = policy.generate([prompt], images=images, num_samples=samples,
+                               max_new_tokens=max_new_tokens, do_sample=not greedy,
+                               temperature=temperature, generator=gen)
+        vec = (roll.pose_mean if greedy else roll.pose_sample).float().cpu()
+        orient, body_pose = vec6d_to_smpl(vec)
+        joints = load_body(None)(orient, body_pose)
+    return {"texts": np.array(roll.texts, dtype=object),
+            "global_orient": orient.numpy().astype(np.float32),
+            "body_pose": body_pose.numpy().astype(np.float32),
+            "betas": np.zeros((samples, 10), np.float32),
+            "joints": joints.numpy().astype(np.float32),
+            "vec6d": vec.numpy().astype(np.float32),
+            "pose_valid": roll.pose_valid.cpu().numpy()}
+
+
+def _save_npz(path: str, result: dict) -> None:
+    import numpy as np
+
+    from poserft.eval.atomic import atomic_path
+
+    arrays = {k: v for k, v in result.items() if k != "texts"}
+    arrays["texts"] = np.array([str(t) for t in result["texts"]])   # unicode, no pickle
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def _render(path: str, result: dict, title: str) -> None:
+    from poserft.eval.gallery import render_pose_grid
+
+    labels = [f"sample {i}" + ("" if v else " (no <POSE>)")
+              for i, v in enumerate(result["pose_valid"])]
+    render_pose_grid(path, [list(result["joints"])], row_labels=[""], col_labels=labels,
+                     title=title)
+
+
+# ----------------------------------------------------------------------------- main --
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="poserft", description="Pose-RFT: generate SMPL poses "
+                                "from text or images with a trained policy.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a pose from a sentence or an image")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="pose description")
+    src.add_argument("--image", help="RGB image file (PNG/JPEG) of one person")
+    g.add_argument("--checkpoint", required=True, help="policy directory (sft/rft output)")
+    g.add_argument("--samples", type=int, default=1,
+                   help="poses to generate (1: greedy answer, head mean; >1: sampled)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="longest answer (tokens)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    g.add_argument("--out", help="write SMPL parameters and joints to this .npz")
+    g.add_argument("--render", help="draw the generated skeleton(s) to this .png")
+    i = sub.add_parser("info", help="describe a checkpoint (config, parameters, vocab, files)")
+    i.add_argument("checkpoint", help="policy directory")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            info = describe_checkpoint(args.checkpoint)
+            if args.json:
+                print(json.dumps(info, indent=2, sort_keys=True))
+            else:
+                _print_info(info)
+            return 0
+        if args.out and not args.out.endswith(".npz"):
+            raise CliError(f"--out {args.out}: the output is a numpy archive; give a path ending in .npz")
+        if args.render and not args.render.lower().endswith(".png"):
+            raise CliError(f"--render {args.render}: give a path ending in .png")
+        result = generate(args.checkpoint, text=args.text, image=args.image,
+                          samples=args.samples, temperature=args.temperature,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+        for k, (t, ok) in enumerate(zip(result["texts"], result["pose_valid"])):
+            print(f"[{k}] {t}" + ("" if ok else "   (no <POSE>: the pose is not meaningful)"))
+        if args.out:
+            _save_npz(args.out, result)
+            print(f"wrote {args.out}")
+        if args.render:
+            _render(args.render, result, args.text or Path(args.image).name)
+            print(f"wrote {args.render}")
+        return 0
+    except CliError as exc:
+        print(f"poserft: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

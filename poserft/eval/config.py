@@ -1,0 +1,93 @@
+"""The ``eval`` config section: how one variant's policy is benchmarked.
+
+Stdlib-only (the Snakefile imports it at parse time). Defaults are the embedded world:
+small subsets of the synthetic test split so that evaluating one variant takes seconds on
+one CPU core. Paper scale (configs/paper.yaml): ``max_image_samples: 0``,
+``max_text_samples: 0``, ``max_vqa_samples: 0`` (whole test splits), ``best_of_n: 10``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from poserft.configbase import ConfigError, Section, option
+from poserft.rl.config import DEFAULT_FORMAT_REGEX
+
+__all__ = ["EvalConfig", "IMAGE_BENCHMARKS", "TEXT_BENCHMARKS"]
+
+# Real datasets with an image->pose / text->pose test protocol (names of `datasets:`).
+IMAGE_BENCHMARKS = ("pw3d", "h36m", "mpi_inf_3dhp")
+TEXT_BENCHMARKS = ("posescript",)
+
+
+@dataclass
+class EvalConfig(Section):
+    """Benchmarks of one variant: image->pose errors, text->pose retrieval, format, VQA."""
+
+    max_image_samples: int = option(
+        64, "Images scored per image->pose test split (a seeded subset, the same for every "
+            "variant); 0 = the whole split. Paper: 0.", minimum=0)
+    max_text_samples: int = option(
+        64, "Test captions turned into poses for text->pose Recall@K (seeded subset); 0 = "
+            "all. Must be > eval.protocol2_candidates (protocol 2 draws distractors from "
+            "the other generated poses). Paper: 0.", minimum=0)
+    max_vqa_samples: int = option(
+        32, "Held-out VQA questions answered for the mean text reward (seeded subset); "
+            "0 = all, and the metric is skipped when the split has no /vqa.", minimum=0)
+    subset_seed: int = option(0, "Seed of the test subsets above (fixed across variants and "
+                                 "seeds so that every run scores the same samples).")
+    joint_set: Literal["lsp14", "h36m17", "smpl24"] = option(
+        "lsp14", "Joints compared by MPJPE / PA-MPJPE. lsp14: the HMR2.0/4D-Humans 3DPW/H36M "
+                 "protocol (14 LSP joints).", choices=("lsp14", "h36m17", "smpl24"))
+    pred_betas: Literal["zero", "gt"] = option(
+        "zero", "Body shape of the predicted pose (the MLLM predicts pose only): zero = mean "
+                "shape; gt = the ground-truth betas (isolates pose error). The skeleton "
+                "body model ignores shape.", choices=("zero", "gt"))
+    best_of_n: int = option(
+        4, "Extra column: N poses sampled per image (temperature below), the lowest error of "
+           "the N per image (oracle selection, each metric separately). 0 disables.",
+        minimum=0)
+    sample_temperature: float = option(1.0, "Sampling temperature of the best-of-N candidates.",
+                                       exclusive_minimum=0.0)
+    max_new_tokens: int = option(24, "Longest generated answer (tokens).", minimum=1)
+    batch_size: int = option(32, "Prompts per generate call.", minimum=1)
+    recall_ks: list[int] = option([5, 10, 20], "K values of Recall@K (RT2P and RP2T).")
+    protocol2_candidates: int = option(
+        32, "Protocol 2 (sampled): candidates per query (ground truth + N-1 distractors).",
+        minimum=2)
+    protocol2_repeats: int = option(10, "Protocol 2: random repeats R per query.", minimum=1)
+    recall_seed: int = option(0, "Seed of protocol 2's distractor draws.")
+    format_regex: str = option(
+        DEFAULT_FORMAT_REGEX, "Regex the whole stripped answer of a pose prompt must match to "
+        "count as well formatted (same default as rft.format_regex).")
+    image_benchmarks: list[str] = option(
+        list(IMAGE_BENCHMARKS), "Real datasets whose test split is also scored for "
+        "image->pose when they are in datasets.enabled (Table 1).")
+    text_benchmarks: list[str] = option(
+        list(TEXT_BENCHMARKS), "Real datasets whose test split is also scored for text->pose "
+        "Recall@K when they are in datasets.enabled (Table 2).")
+
+    def check(self, where: str) -> None:
+        if not self.recall_ks or any(k < 1 for k in self.recall_ks):
+            raise ConfigError(f"{where}.recall_ks: expected positive integers, got {self.recall_ks}")
+        if max(self.recall_ks) > self.protocol2_candidates:
+            raise ConfigError(f"{where}.recall_ks: K={max(self.recall_ks)} exceeds "
+                              f"{where}.protocol2_candidates={self.protocol2_candidates} (every "
+                              "query would trivially hit); lower K or raise the candidates")
+        if 0 < self.max_text_samples <= self.protocol2_candidates:
+            raise ConfigError(
+                f"{where}.max_text_samples ({self.max_text_samples}) must be 0 (all) or > "
+                f"{where}.protocol2_candidates ({self.protocol2_candidates}): protocol 2 "
+                "needs that many other generated poses as distractors")
+        try:
+            re.compile(self.format_regex)
+        except re.error as exc:
+            raise ConfigError(f"{where}.format_regex: not a valid regular expression ({exc})") from None
+        for key, known in (("image_benchmarks", IMAGE_BENCHMARKS),
+                           ("text_benchmarks", TEXT_BENCHMARKS)):
+            for name in getattr(self, key):
+                if name not in known:
+                    raise ConfigError(f"{where}.{key}: {name!r} has no protocol here; known: "
+                                      f"{list(known)}")

@@ -1,0 +1,414 @@
+"""Benchmark one variant's policy: image->pose, text->pose, answer format, VQA text reward.
+
+:func:`evaluate_variant` writes ``results/runs/{variant}/seed{seed}/metrics.json``::
+
+    image2pose.<dataset>: mpjpe, pa_mpjpe (mm, greedy answer, the head's mean/mode pose),
+                          best_of_n, best_of_n_mpjpe, best_of_n_pa_mpjpe (oracle min over N
+                          sampled poses, each metric separately), pose_valid_rate, num_samples
+    text2pose.<dataset>:  protocol1.{t2p_R@K, p2t_R@K, mRecall}, protocol2.{...} (%, the
+                          EVALUATOR retrieval model), pose_valid_rate, num_samples
+    format_rate           fraction of greedy answers to pose prompts (image2pose and
+                          text2pose of the synthetic test split) matching eval.format_regex;
+                          format.{image2pose, text2pose, num_prompts}
+    text_reward           mean cosine (text embedder) between greedy VQA answers and the
+                          reference answers of the held-out VQA; vqa.num_samples
+    meta                  joint_set, directories, seconds
+
+Conventions (design.md, "Evaluation protocols"):
+
+* image->pose follows HMR2.0/4D-Humans: joints of ``eval.joint_set`` (LSP-14), both
+  skeletons translated so that the H36M pelvis (row 0 of the body model's ``h36m17`` set;
+  the SMPL pelvis for the skeleton model) is at the origin, errors in millimetres;
+  PA-MPJPE after a per-sample similarity Procrustes. Ground truth is the split's SMPL pose
+  in the image (camera) frame (``/image_pose/global_orient`` when present) through the same
+  body model.
+* A completion without ``<POSE>`` has no pose; it is scored as the rest pose (identity
+  rotations) so that a model cannot improve its error by not answering. Its rate is
+  ``pose_valid_rate``.
+* Test subsets (``eval.max_*_samples``) are seeded by ``eval.subset_seed`` only, so every
+  variant and seed is scored on the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from poserft.eval.atomic import write_json
+from poserft.eval.config import EvalConfig
+
+__all__ = ["subset_indices", "person_boxes", "fill_invalid_poses", "pose_joints", "joint_errors",
+           "best_of_n_errors", "format_matches", "embedding_cosine", "tracker_metrics",
+           "evaluate_image2pose", "evaluate_text2pose", "evaluate_vqa", "evaluate_variant",
+           "SYNTHETIC"]
+
+log = logging.getLogger(__name__)
+SYNTHETIC = "synthetic"
+
+
+# --------------------------------------------------------------------- pure helpers --
+def subset_indices(n: int, max_n: int, seed: int) -> np.ndarray:
+    """Sorted row indices: all ``n`` rows (``max_n`` 0 or >= n), else a seeded subset."""
+    if max_n <= 0 or max_n >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_n, replace=False)).astype(np.int64)
+
+
+def fill_invalid_poses(vec6d: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,144) poses, (B,) bool -> poses with rows lacking ``<POSE>`` set to the rest pose."""
+    from poserft.model.heads import identity_pose_vec
+
+    rest = identity_pose_vec(vec6d.dtype).to(vec6d.device)
+    return torch.where(valid.to(vec6d.device)[:, None], vec6d, rest[None, :])
+
+
+def pose_joints(body, vec6d: torch.Tensor, joint_set: str, betas: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,144) 6D poses -> joints of ``joint_set`` (B,J,3) and the H36M pelvis (B,3), metres."""
+    from poserft.body import vec6d_to_rotmats
+
+    rotmats = vec6d_to_rotmats(vec6d.float())
+    joints = body.joint_set_from_rotmats(joint_set, rotmats, betas)
+    pelvis = body.joint_set_from_rotmats("h36m17", rotmats, betas)[:, 0]
+    return joints, pelvis
+
+
+def joint_errors(pred: torch.Tensor, pred_pelvis: torch.Tensor, gt: torch.Tensor,
+                 gt_pelvis: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Pelvis-aligned MPJPE and PA-MPJPE per sample, (B,) mm each.
+
+    pred, gt: (B,J,3) metres; pred_pelvis, gt_pelvis: (B,3) metres.
+    """
+    from poserft.eval.metrics import mpjpe, pa_mpjpe
+
+    pred_c = (pred - pred_pelvis[:, None, :]).double().cpu().numpy()
+    gt_c = (gt - gt_pelvis[:, None, :]).double().cpu().numpy()
+    return np.asarray(mpjpe(pred_c, gt_c, root=None)), np.asarray(pa_mpjpe(pred_c, gt_c))
+
+
+def best_of_n_errors(errors: np.ndarray, n: int) -> np.ndarray:
+    """(B*n,) errors, rows of sample b at b*n .. b*n+n-1 -> (B,) minimum over the n."""
+    errors = np.asarray(errors, dtype=np.float64)
+    if errors.ndim != 1 or errors.size % n:
+        raise ValueError(f"best_of_n_errors: {errors.shape} errors is not B*{n}")
+    return errors.reshape(-1, n).min(axis=1)
+
+
+def format_matches(texts: Sequence[str], regex: str) -> np.ndarray:
+    """(n,) bool: the stripped answer fully matches ``regex`` (same rule as the RFT format
+    reward, poserft.rl.rewards.format_reward)."""
+    pattern = re.compile(regex)
+    return np.array([bool(pattern.fullmatch(t.strip())) for t in texts], dtype=bool)
+
+
+def embedding_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (n,D) embedding arrays -> (n,)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    na = np.linalg.norm(a, axis=1).clip(min=1e-12)
+    nb = np.linalg.norm(b, axis=1).clip(min=1e-12)
+    return (a * b).sum(1) / (na * nb)
+
+
+_MLFLOW_BAD = re.compile(r"[^\w.\- :/]")
+
+
+def tracker_metrics(metrics: Mapping[str, Any], prefix: str = "eval/") -> dict[str, float]:
+    """Nested metrics -> flat MLflow-safe names (``R@5`` -> ``R_5``; '/'-joined)."""
+    from poserft.eval.tables import flatten_metrics
+
+    return {prefix + _MLFLOW_BAD.sub("_", k.replace(".", "/")): v
+            for k, v in flatten_metrics(metrics).items()}
+
+
+# ------------------------------------------------------------------------- pieces --
+def _batches(n: int, size: int):
+    for lo in range(0, n, size):
+        yield slice(lo, min(n, lo + size))
+
+
+def _progress(iterable, desc: str, total: int | None = None):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, mininterval=2.0)
+
+
+def person_boxes(reader, idx: np.ndarray) -> np.ndarray | None:
+    """(n,4) square person boxes ``x0, y0, x1, y1`` (pixels) for full-frame images: the
+    SPIN-style box (``/meta/bbox_center``, side ``200 * /meta/bbox_scale``) when the split has
+    it, else the extent of ``/keypoints2d`` enlarged 1.2x; None when neither exists."""
+    if reader.has("meta/bbox_center") and reader.has("meta/bbox_scale"):
+        centre = np.asarray(reader.read("meta/bbox_center", idx), dtype=np.float64)
+        half = 100.0 * np.asarray(reader.read("meta/bbox_scale", idx), dtype=np.float64)
+    elif reader.has("keypoints2d"):
+        kp = np.asarray(reader.keypoints2d(idx), dtype=np.float64)
+        lo, hi = np.nanmin(kp, axis=1), np.nanmax(kp, axis=1)
+        centre, half = (lo + hi) / 2, 0.6 * (hi - lo).max(axis=1)
+    else:
+        return None
+    return np.stack([centre[:, 0] - half, centre[:, 1] - half,
+                     centre[:, 0] + half, centre[:, 1] + half], axis=1)
+
+
+def _read_images(reader, idx: np.ndarray, size: int) -> np.ndarray:
+    """(n,H,W,3) uint8 images of rows ``idx``: the split's /images (already person crops), or
+    its /image_paths loaded, cropped to :func:`person_boxes` (black outside the frame, as
+    in HMR-style preprocessing) and resized to ``size`` x ``size``."""
+    if reader.has("images"):
+        return np.asarray(reader.images(idx))
+    if not reader.has("image_paths"):
+        raise ValueError(f"{reader.path}: no /images or /image_paths; image->pose needs one "
+                         "(re-run the converter with images)")
+    from PIL import Image
+
+    boxes = person_boxes(reader, idx)
+    out = []
+    for i, p in enumerate(reader.read("image_paths", idx)):
+        path = Path(str(p))
+        if not path.is_absolute() and not path.is_file():   # relative to the split file
+            path = reader.path.parent / path
+        if not path.is_file():
+            raise FileNotFoundError(f"{reader.path}: image {p} (row {int(idx[i])}) does not "
+                                    "exist; check the dataset's image_root and reconvert")
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if boxes is not None:
+                im = im.crop(tuple(int(round(v)) for v in boxes[i]))
+            out.append(np.asarray(im.resize((size, size), Image.BILINEAR)))
+    return np.stack(out).astype(np.uint8)
+
+
+def evaluate_image2pose(policy, body, reader, cfg: EvalConfig, generator: torch.Generator
+                        ) -> tuple[dict[str, float], list[str]]:
+    """Image->pose metrics on one split (greedy + best-of-N); also the greedy answers."""
+    idx = subset_indices(reader.num_poses, cfg.max_image_samples, cfg.subset_seed)
+    poses = reader.poses(idx)
+    orient = (reader.image_global_orient(idx) if reader.has("image_pose/global_orient")
+              else poses["global_orient"])
+    gt_betas = torch.as_tensor(poses["betas"], dtype=torch.float32)
+    from poserft.body import smpl_to_vec6d
+    gt_vec = smpl_to_vec6d(torch.as_tensor(orient, dtype=torch.float32),
+                           torch.as_tensor(poses["body_pose"], dtype=torch.float32))
+    gt_joints, gt_pelvis = pose_joints(body, gt_vec, cfg.joint_set, gt_betas)
+    pred_betas = gt_betas if cfg.pred_betas == "gt" else None
+    size = policy.config.clip_image_size
+    prompt = policy.image2pose_prompt()
+    n = len(idx)
+    greedy_mpjpe, greedy_pa, bon_mpjpe, bon_pa, valid, texts = [], [], [], [], [], []
+    for sl in _progress(list(_batches(n, cfg.batch_size)), f"image2pose {reader.path.parent.name}"):
+        images = _read_images(reader, idx[sl], size)
+        b = images.shape[0]
+        roll = policy.generate([prompt] * b, images=images, num_samples=1,
+                               max_new_tokens=cfg.max_new_tokens, do_sample=False)
+        texts += roll.texts
+        valid.append(roll.pose_valid.cpu().numpy())
+        vec = fill_invalid_poses(roll.pose_mean, roll.pose_valid)
+        j, p = pose_joints(body, vec.cpu(), cfg.joint_set,
+                           None if pred_betas is None else pred_betas[sl])
+        e, pa = joint_errors(j, p, gt_joints[sl], gt_pelvis[sl])
+        greedy_mpjpe.append(e)
+        greedy_pa.append(pa)
+        if cfg.best_of_n:
+            k = cfg.best_of_n
+            roll = policy.generate([prompt] * b, images=images, num_samples=k,
+                                   max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                   temperature=cfg.sample_temperature, generator=generator)
+            vec = fill_invalid_poses(roll.pose_sample, roll.pose_valid)
+            j, p = pose_joints(body, vec.cpu(), cfg.joint_set,
+                               None if pred_betas is None else pred_betas[sl].repeat_interleave(k, 0))
+            e, pa = joint_errors(j, p, gt_joints[sl].repeat_interleave(k, 0),
+                                 gt_pelvis[sl].repeat_interleave(k, 0))
+            bon_mpjpe.append(best_of_n_errors(e, k))
+            bon_pa.append(best_of_n_errors(pa, k))
+    out = {"mpjpe": float(np.concatenate(greedy_mpjpe).mean()),
+           "pa_mpjpe": float(np.concatenate(greedy_pa).mean()),
+           "pose_valid_rate": float(np.concatenate(valid).mean()),
+           "num_samples": int(n)}
+    if cfg.best_of_n:
+        out.update(best_of_n=int(cfg.best_of_n),
+                   best_of_n_mpjpe=float(np.concatenate(bon_mpjpe).mean()),
+                   best_of_n_pa_mpjpe=float(np.concatenate(bon_pa).mean()))
+    return out, texts
+
+
+def evaluate_text2pose(policy, evaluator, reader, cfg: EvalConfig
+                       ) -> tuple[dict[str, Any], list[str]]:
+    """Greedy pose per test caption, then Recall@K of (caption, generated pose) pairs with
+    the evaluator model under protocol 1 (full) and 2 (sampled); also the greedy answers."""
+    from poserft.eval.metrics import retrieval_recall
+
+    idx = subset_indices(reader.num_captions, cfg.max_text_samples, cfg.subset_seed)
+    captions = [str(c) for c in reader.captions(idx)]
+    if len(captions) <= cfg.protocol2_candidates:
+        raise ValueError(f"{reader.path}: {len(captions)} test captions, but protocol 2 needs "
+                         f"more than eval.protocol2_candidates={cfg.protocol2_candidates}")
+    poses, valid, texts = [], [], []
+    for sl in _progress(list(_batches(len(captions), cfg.batch_size)),
+                        f"text2pose {reader.path.parent.name}"):
+        prompts = [policy.text2pose_prompt(c) for c in captions[sl]]
+        roll = policy.generate(prompts, num_samples=1, max_new_tokens=cfg.max_new_tokens,
+                               do_sample=False)
+        texts += roll.texts
+        valid.append(roll.pose_valid.cpu())
+        poses.append(fill_invalid_poses(roll.pose_mean, roll.pose_valid).cpu())
+    poses_t = torch.cat(poses)
+    text_emb = evaluator.embed_texts(captions).cpu()
+    pose_emb = evaluator.embed_poses(poses_t.to(evaluator.log_logit_scale.device)).cpu()
+    pairs = np.arange(len(captions))      # caption i <-> the pose generated from it
+    out: dict[str, Any] = {
+        "protocol1": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks, protocol="full"),
+        "protocol2": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks,
+                                      protocol="sampled", n_candidates=cfg.protocol2_candidates,
+                                      repeats=cfg.protocol2_repeats, seed=cfg.recall_seed),
+        "pose_valid_rate": float(torch.cat(valid).float().mean()),
+        "num_samples": len(captions)}
+    return out, texts
+
+
+def evaluate_vqa(policy, embedder, reader, cfg: EvalConfig) -> dict[str, float] | None:
+    """Mean cosine between greedy answers and reference answers of held-out VQA (None when
+    the split has no VQA or no images)."""
+    if reader.num_vqa == 0 or not (reader.has("images") or reader.has("image_paths")):
+        return None
+    idx = subset_indices(reader.num_vqa, cfg.max_vqa_samples, cfg.subset_seed)
+    vqa = reader.vqa(idx)
+    questions = [str(q) for q in vqa["question"]]
+    answers = [str(a) for a in vqa["answer"]]
+    pose_rows = np.asarray(vqa["pose_index"], dtype=np.int64)
+    size = policy.config.clip_image_size
+    generated = []
+    for sl in _progress(list(_batches(len(idx), cfg.batch_size)), "vqa"):
+        images = _read_images(reader, pose_rows[sl], size)
+        roll = policy.generate([policy.vqa_prompt(q) for q in questions[sl]], images=images,
+                               num_samples=1, max_new_tokens=cfg.max_new_tokens, do_sample=False)
+        generated += roll.texts
+    cos = embedding_cosine(embedder.encode(generated), embedder.encode(answers))
+    return {"text_reward": float(cos.mean()), "num_samples": len(idx)}
+
+
+# ------------------------------------------------------------------------ the stage --
+def _split_roles(split_paths: Mapping[str, str | os.PathLike], cfg: EvalConfig
+                 ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """-> (image datasets, text datasets): name -> test split file.
+
+    ``split_paths["test"]`` is the synthetic test split (required); ``"<dataset>_test"``
+    keys add real datasets listed in eval.image_benchmarks / eval.text_benchmarks. Other
+    keys (train/val splits passed by the rule) are ignored.
+    """
+    if "test" not in split_paths:
+        raise ValueError(f"evaluate_variant: split_paths needs 'test' (the synthetic test "
+                         f"split), got keys {sorted(split_paths)}")
+    image = {SYNTHETIC: Path(split_paths["test"])}
+    text = {SYNTHETIC: Path(split_paths["test"])}
+    for key, path in split_paths.items():
+        if not key.endswith("_test"):
+            continue
+        name = key[: -len("_test")]
+        if name not in cfg.image_benchmarks and name not in cfg.text_benchmarks:
+            raise ValueError(f"evaluate_variant: split '{key}' ({path}) is not a benchmark of "
+                             f"eval.image_benchmarks {cfg.image_benchmarks} or "
+                             f"eval.text_benchmarks {cfg.text_benchmarks}")
+        if name in cfg.image_benchmarks:
+            image[name] = Path(path)
+        if name in cfg.text_benchmarks:
+            text[name] = Path(path)
+    return image, text
+
+
+def evaluate_variant(eval_cfg: EvalConfig | dict, policy_dir: str | os.PathLike,
+                     evaluator_dir: str | os.PathLike, split_paths: Mapping[str, str | os.PathLike],
+                     out_json: str | os.PathLike, body_cfg: Any = None,
+                     text_embedder_cfg: Any = None, tracker: Any = None, *,
+                     text_embedder: Any = None) -> dict[str, Any]:
+    """Benchmark the policy in ``policy_dir``; write ``out_json`` atomically; return the metrics.
+
+    Args:
+        eval_cfg: the ``eval`` section (or its plain dict).
+        policy_dir: a saved policy (:func:`poserft.model.io.save_policy`).
+        evaluator_dir: the EVALUATOR retrieval model (``results/retrieval/evaluator``).
+        split_paths: ``{"test": data/synthetic/test.h5, "pw3d_test": ..., ...}``.
+        body_cfg: the ``body`` section (None: skeleton model).
+        text_embedder_cfg: the ``text_embedder`` section (VQA text reward).
+        tracker: :class:`poserft.tracking.Tracker` or None.
+        text_embedder: an already built embedder (``encode(list[str]) -> (n,D)``) to use
+            instead of building one from ``text_embedder_cfg`` (reuse across calls, tests).
+    """
+    from poserft.body import load as load_body
+    from poserft.data.h5io import SplitReader
+    from poserft.model.io import load_policy
+    from poserft.retrieval.checkpoint import load_retrieval_model
+
+    cfg = eval_cfg if isinstance(eval_cfg, EvalConfig) else EvalConfig.from_dict(eval_cfg, where="eval")
+    cfg.check("eval")
+    image_splits, text_splits = _split_roles(split_paths, cfg)
+    for path in {*image_splits.values(), *text_splits.values()}:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: test split does not exist (run the rule that "
+                                    f"produces it, e.g. `snakemake {path}`)")
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    policy = load_policy(policy_dir).eval()
+    evaluator = load_retrieval_model(evaluator_dir).eval()
+    body = load_body(body_cfg)
+    generator = torch.Generator(device=policy.device).manual_seed(cfg.subset_seed)
+    timings["load"] = time.perf_counter() - start
+
+    metrics: dict[str, Any] = {"image2pose": {}, "text2pose": {}}
+    format_texts: dict[str, list[str]] = {}
+    with torch.inference_mode():
+        for name, path in image_splits.items():
+            t0 = time.perf_counter()
+            with SplitReader(path) as reader:
+                if name == SYNTHETIC and not (reader.has("images") or reader.has("image_paths")):
+                    log.warning("%s: no images; image->pose skipped", path)
+                    continue
+                metrics["image2pose"][name], texts = evaluate_image2pose(policy, body, reader, cfg,
+                                                                         generator)
+            if name == SYNTHETIC:
+                format_texts["image2pose"] = texts
+            timings[f"image2pose_{name}"] = time.perf_counter() - t0
+        for name, path in text_splits.items():
+            t0 = time.perf_counter()
+            with SplitReader(path) as reader:
+                metrics["text2pose"][name], texts = evaluate_text2pose(policy, evaluator, reader, cfg)
+            if name == SYNTHETIC:
+                format_texts["text2pose"] = texts
+            timings[f"text2pose_{name}"] = time.perf_counter() - t0
+
+        all_texts = [t for texts in format_texts.values() for t in texts]
+        if all_texts:
+            metrics["format_rate"] = float(format_matches(all_texts, cfg.format_regex).mean())
+            metrics["format"] = {task: float(format_matches(texts, cfg.format_regex).mean())
+                                 for task, texts in format_texts.items() if texts}
+            metrics["format"]["num_prompts"] = len(all_texts)
+
+        t0 = time.perf_counter()
+        with SplitReader(image_splits[SYNTHETIC]) as reader:
+            if reader.num_vqa:
+                if text_embedder is None:
+                    from poserft.text.embedder import build_text_embedder
+                    text_embedder = build_text_embedder(text_embedder_cfg)
+                vqa = evaluate_vqa(policy, text_embedder, reader, cfg)
+            else:
+                vqa = None
+        if vqa is not None:
+            metrics["text_reward"] = vqa["text_reward"]
+            metrics["vqa"] = {"num_samples": vqa["num_samples"]}
+            timings["vqa"] = time.perf_counter() - t0
+
+    timings["total"] = time.perf_counter() - start
+    metrics["meta"] = {"joint_set": cfg.joint_set, "policy_dir": str(policy_dir),
+                       "evaluator_dir": str(evaluator_dir), "seconds": timings}
+    write_json(out_json, metrics)
+    if tracker is not None:
+        tracker.log_metrics(tracker_metrics({k: v for k, v in metrics.items() if k != "meta"}))
+        tracker.log_artifact(out_json)
+    log.info("evaluation of %s done in %.1f s", policy_dir, timings["total"])
+    return metrics

@@ -1,0 +1,147 @@
+"""The `poserft` command end to end on a tiny saved policy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from poserft.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from poserft.model.io import save_policy
+    from poserft.model.testing import tiny_policy
+
+    root = tmp_path_factory.mktemp("cli")
+    policy, tok = tiny_policy(root)
+    save_policy(policy, root / "policy")
+    n_params = sum(v.numel() for v in policy.state_dict().values())
+    return {"dir": root / "policy", "n_params": n_params, "vocab": len(tok), "root": root}
+
+
+def _rot6d_matrix(six: np.ndarray) -> np.ndarray:
+    """Gram-Schmidt of the two 6D columns (Zhou et al.), numpy, for the reference."""
+    a, b = six[..., 0:3], six[..., 3:6]
+    x = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b - (x * b).sum(-1, keepdims=True) * x
+    y = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return np.stack([x, y, np.cross(x, y)], axis=-1)
+
+
+def test_generate_text_writes_smpl_npz_and_render(checkpoint, tmp_path, capsys):
+    out, png = tmp_path / "poses.npz", tmp_path / "poses.png"
+    rc = main(["generate", "--text", "The person is squatting with the knees completely bent.",
+               "--checkpoint", str(checkpoint["dir"]), "--out", str(out), "--render", str(png),
+               "--max-new-tokens", "8"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("[0] ") and f"wrote {out}" in printed
+    z = np.load(out)
+    assert z["global_orient"].shape == (1, 3) and z["body_pose"].shape == (1, 23, 3)
+    assert z["betas"].shape == (1, 10) and z["joints"].shape == (1, 24, 3)
+    assert z["texts"].shape == (1,) and z["texts"].dtype.kind == "U"
+    # axis-angle parameters are the rotations of the predicted 6D vector (scipy reference)
+    six = z["vec6d"].reshape(1, 24, 6)          # per joint: first column, second column
+    want = _rot6d_matrix(six.astype(np.float64))
+    got = Rotation.from_rotvec(np.concatenate([z["global_orient"][:, None], z["body_pose"]], 1)
+                               .reshape(-1, 3)).as_matrix().reshape(1, 24, 3, 3)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    # joints: forward kinematics of those parameters (independent of the 6D path)
+    from poserft.body import load
+    import torch
+    fk = load(None)(torch.as_tensor(z["global_orient"]), torch.as_tensor(z["body_pose"])).numpy()
+    np.testing.assert_allclose(z["joints"], fk, atol=1e-4)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 50
+
+
+def test_generate_image_samples(checkpoint, tmp_path, capsys):
+    img = tmp_path / "person.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "s.npz"
+    args = ["generate", "--image", str(img), "--checkpoint", str(checkpoint["dir"]),
+            "--samples", "3", "--seed", "5", "--max-new-tokens", "6", "--out", str(out)]
+    assert main(args) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
+    assert len(lines) == 3
+    z1 = dict(np.load(out))
+    assert z1["joints"].shape == (3, 24, 3) and z1["pose_valid"].shape == (3,)
+    assert main(args) == 0                                  # same seed, same samples
+    np.testing.assert_array_equal(np.load(out)["vec6d"], z1["vec6d"])
+    # greyscale and RGBA images are accepted (converted to RGB)
+    for mode in ("L", "RGBA"):
+        p = tmp_path / f"{mode}.png"
+        Image.new(mode, (16, 16)).save(p)
+        assert main(["generate", "--image", str(p), "--checkpoint", str(checkpoint["dir"]),
+                     "--max-new-tokens", "4"]) == 0
+
+
+def _error(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert len(err.splitlines()) == 1 and err.startswith("poserft: error: ")
+    return err
+
+
+def test_errors_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys):
+    out = tmp_path / "x.npz"
+    ck = str(checkpoint["dir"])
+    err = _error(capsys, ["generate", "--text", "hi", "--checkpoint", str(tmp_path / "nope"),
+                          "--out", str(out)])
+    assert str(tmp_path / "nope") in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = _error(capsys, ["generate", "--text", "hi", "--checkpoint", str(tmp_path / "empty")])
+    assert "not a policy directory" in err and "model.safetensors" in err
+
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is not an image")
+    err = _error(capsys, ["generate", "--image", str(fake), "--checkpoint", ck, "--out", str(out)])
+    assert str(fake) in err and "not a readable image" in err
+    err = _error(capsys, ["generate", "--image", str(tmp_path / "missing.png"), "--checkpoint", ck])
+    assert "does not exist" in err
+
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16)).save(cmyk)
+    err = _error(capsys, ["generate", "--image", str(cmyk), "--checkpoint", ck, "--out", str(out)])
+    assert "mode 'CMYK' (4 channels)" in err and str(cmyk) in err
+    la = tmp_path / "la.png"
+    Image.new("LA", (16, 16)).save(la)
+    assert "(2 channels)" in _error(capsys, ["generate", "--image", str(la), "--checkpoint", ck])
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(deep)
+    assert "mode 'I;16'" in _error(capsys, ["generate", "--image", str(deep), "--checkpoint", ck])
+
+    assert ".npz" in _error(capsys, ["generate", "--text", "hi", "--checkpoint", ck, "--out", "x.txt"])
+    assert not out.exists()
+
+
+def test_info(checkpoint, capsys):
+    assert main(["info", str(checkpoint["dir"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == checkpoint["n_params"]
+    assert info["vocab_size"] == checkpoint["vocab"]
+    assert info["model"]["head"] == "gaussian"
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(info["files"])
+    assert main(["info", str(checkpoint["dir"])]) == 0
+    text = capsys.readouterr().out
+    assert f"{checkpoint['n_params']:,}" in text and "vocab size" in text
+
+
+def test_console_script(checkpoint, tmp_path):
+    exe = Path(sys.executable).parent / "poserft"
+    ok = subprocess.run([str(exe), "info", str(checkpoint["dir"])], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "parameters" in ok.stdout
+    bad = subprocess.run([str(exe), "info", str(tmp_path / "absent")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "absent" in bad.stderr and "Traceback" not in bad.stderr
+    usage = subprocess.run([str(exe), "generate", "--checkpoint", "x"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "--text" in usage.stderr
