@@ -173,7 +173,7 @@ def generate(checkpoint: str | os.PathLike, text: str | None = None, image: str 
 def _save_npz(path: str, result: dict) -> None:
     import numpy as np
 
-    from poserft.eval.atomic import atomic_path
+    from poserft.atomic import atomic_path
 
     arrays = {k: v for k, v in result.items() if k != "texts"}
     arrays["texts"] = np.array([str(t) for t in result["texts"]])   # unicode, no pickle

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import netrc
 import os
 import re
 import tarfile
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -38,6 +36,7 @@ import requests
 from requests.auth import AuthBase, HTTPBasicAuth
 from tqdm.auto import tqdm
 
+from poserft.atomic import write_json
 from poserft.data.converters.config import (
     DatasetSource, DatasetsConfig, source_section, url_file_name)
 
@@ -391,17 +390,7 @@ def download_dataset(name: str, cfg: DatasetsConfig | Mapping[str, Any], manifes
                            timeout=cfg.download_timeout_s, progress=progress)
     manifest = {"dataset": name, "root": str(root), "manual": source.manual, "files": hashes,
                 "expected": list(source.files)}
-    manifest_path = Path(manifest_path)
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{manifest_path.name}.", dir=manifest_path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True)
-        os.replace(tmp, manifest_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json(manifest_path, manifest)
     if tracker is not None:
         # URLs carry no credentials (config.check forbids user-info); hashes are public.
         tracker.log_params({"dataset": name, "manual": source.manual, "n_files": len(hashes)})

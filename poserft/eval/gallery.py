@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from poserft.eval.atomic import atomic_path
+from poserft.atomic import atomic_path
 
 __all__ = ["GalleryEntry", "front_cameras", "render_skeletons", "render_pose_grid",
            "gallery_checkpoints", "generate_gallery_poses", "build_gallery"]

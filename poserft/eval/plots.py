@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from poserft.eval.atomic import atomic_path
+from poserft.atomic import atomic_path
 
 __all__ = ["BAR_METRICS", "load_reward_history", "mlflow_reward_history", "heldout_points",
            "collect_reward_histories", "reward_keys", "plot_reward_curves", "plot_metric_bars"]

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from poserft.eval.atomic import write_json
+from poserft.atomic import write_json
 from poserft.eval.config import EvalConfig
 
 __all__ = ["subset_indices", "person_boxes", "fill_invalid_poses", "pose_joints", "joint_errors",

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from poserft.eval.atomic import write_text
+from poserft.atomic import write_text
 from poserft.eval.tables import flatten_metrics, parse_run_path
 
 __all__ = ["write_summary"]

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from poserft.eval.atomic import write_text
+from poserft.atomic import write_text
 from poserft.eval.paper_results import PaperResult, paper_rows
 
 __all__ = ["Stat", "Column", "Row", "Table", "Ablation", "ABLATIONS", "DATASET_LABELS",

@@ -10,10 +10,8 @@ with the test split's recall ``{"full": {...}, "sampled": {...}}``.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from poserft.atomic import write_json
 from poserft.retrieval.checkpoint import save_retrieval_model
 from poserft.retrieval.config import ROLES, RetrievalConfig
 from poserft.retrieval.losses import symmetric_infonce
@@ -173,18 +172,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def train_retrieval(cfg: RetrievalConfig | dict | None, role: str,
                     split_paths: Mapping[str, str | os.PathLike],
                     tokenizer_path: str | os.PathLike | None, out_dir: str | os.PathLike,
@@ -293,7 +280,7 @@ def _train(cfg: RetrievalConfig, role: str, split_paths: Mapping[str, str | os.P
             "tokenizer": {"source_path": str(tokenizer_path) if tokenizer_path else
                           cfg.pretrained_text_model}}
     save_retrieval_model(model, out_dir, meta)
-    _atomic_json(out_dir / "recall.json", test)
+    write_json(out_dir / "recall.json", test, allow_nan=True)
     summary = {"role": role, "seed": seed, "best_epoch": best["epoch"],
                "val_mRecall": best["mRecall"], "test": test, "chance": chance,
                "test_pair_accuracy": pair_acc, "n_train_poses": int(len(train_poses)),

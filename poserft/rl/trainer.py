@@ -23,10 +23,7 @@ forward, so the first ratios are exactly 1).
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from poserft.atomic import write_json
 from poserft.rl import core
 from poserft.rl.config import RFTConfig
 from poserft.rl.rewards import REWARDS, RewardContext, RewardResult, compute_rewards
@@ -318,19 +316,6 @@ def build_reward_context(cfg: RFTConfig, reward_model_dir, body_cfg=None, text_e
                          text_embedder=embedder)
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # what save_policy + run_rft put into out_dir; anything else means out_dir is not ours
 _OUT_DIR_FILES = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "chat_template.jinja", "rft_summary.json"}
@@ -455,6 +440,6 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
                      "last_step": last}
     if engine.is_main:
         engine.log(after, prefix="heldout_after/")
-        _atomic_json(out_dir / "rft_summary.json", summary)
+        write_json(out_dir / "rft_summary.json", summary, allow_nan=True)
         tracker.log_artifact(out_dir / "rft_summary.json")
     return summary

@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from poserft.atomic import write_text
 from poserft.text.config import TokenizerConfig
 
 __all__ = [
@@ -49,19 +49,6 @@ def _resolve_file(path: str | os.PathLike) -> Path:
     """Accept either ``.../tokenizer.json`` or the directory holding it."""
     p = Path(path)
     return p / TOKENIZER_FILE if p.is_dir() else p
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike,
@@ -91,7 +78,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.Pa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     out_file = _resolve_file(out_path)
-    _atomic_write_text(out_file, tok.to_str(pretty=False))
+    write_text(out_file, tok.to_str(pretty=False))
     return out_file
 
 
@@ -198,11 +185,11 @@ def build_project_tokenizer(cfg: TokenizerConfig | dict | None,
             pass  # a damaged cached file is simply rebuilt
     if cfg.pretrained:
         tok, _ = extend_pretrained_tokenizer(cfg.pretrained)
-        _atomic_write_text(out_file, tok.backend_tokenizer.to_str(pretty=False))
+        write_text(out_file, tok.backend_tokenizer.to_str(pretty=False))
     else:
         train_tokenizer(texts, cfg.vocab_size, out_file, min_frequency=cfg.min_frequency)
     tok = load_tokenizer(out_file)
-    _atomic_write_text(fp_file, fp + "\n")
+    write_text(fp_file, fp + "\n")
     return {"path": str(out_file), "vocab_size": len(tok), "num_texts": len(texts),
             "cached": False}
 

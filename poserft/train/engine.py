@@ -198,6 +198,11 @@ class TrainEngine:
     def _init_deepspeed(self, model, micro_batch_size: int) -> None:
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # On CPU, deepspeed.initialize probes every op and JIT-compiles the shared-memory
+            # all-reduce extension (minutes on a fresh machine; a killed build leaves a lock
+            # that hangs later runs). gloo runs the same collectives, so declare it unusable.
+            import deepspeed.ops
+            deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
         import deepspeed
 
         optimizer = make_optimizer(model, self.optim_cfg)

@@ -13,34 +13,20 @@ loss through the body model; see :meth:`PoseMLLM.sft_loss`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from poserft.atomic import write_json
 from poserft.model.config import ModelConfig
 from poserft.train.config import SFTConfig
 
 __all__ = ["run_sft", "quick_eval", "mpjpe_mm", "fk_joints"]
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _tracker_or_null(tracker):
@@ -183,5 +169,5 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
     if engine.is_main:
         summary["policy_dir"] = str(final_dir)
         summary["head"] = "gaussian" if isinstance(policy.pose_head, GaussianPoseHead) else "deterministic"
-        _atomic_json(out_dir / "metrics.json", summary)
+        write_json(out_dir / "metrics.json", summary, allow_nan=True)
     return summary

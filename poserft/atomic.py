@@ -42,7 +42,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """JSON with sorted keys; NaN/inf are refused (they are not JSON)."""
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+def write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = False) -> Path:
+    """JSON with sorted keys. NaN/inf are refused unless ``allow_nan`` (they are not JSON,
+    but Python's json reads them back: fine for training summaries, not for results)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=allow_nan) + "\n"
     return write_text(path, text)

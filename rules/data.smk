@@ -1,0 +1,67 @@
+# Data: the synthetic embedded world, real datasets (download -> convert), the tokenizer.
+
+
+rule synthesize:
+    """Sample poses, caption them, render images and VQA pairs (the embedded world)."""
+    output:
+        **synthetic_splits(),
+    params:
+        synth=config["synth"],
+        body=config["body"],
+    log:
+        "logs/synthesize.log",
+    benchmark:
+        "results/benchmarks/synthesize.tsv"
+    resources:
+        mem_mb=4000, runtime=30,
+    script:
+        "../workflow_scripts/synthesize.py"
+
+
+# One download/convert rule pair per enabled dataset: their split files differ.
+for _ds in REAL_DATASETS:
+
+    rule:
+        name:
+            f"download_{_ds}"
+        output:
+            manifest=f"data/{_ds}/download_manifest.json",
+        params:
+            datasets=dataset_params(_ds),
+            dataset=_ds,
+        log:
+            f"logs/download/{_ds}.log",
+        script:
+            "../workflow_scripts/download.py"
+
+    rule:
+        name:
+            f"convert_{_ds}"
+        input:
+            manifest=f"data/{_ds}/download_manifest.json",
+        output:
+            **{s: f"data/{_ds}/{s}.h5" for s in dataset_splits(config["datasets"], _ds)},
+        params:
+            datasets=dataset_params(_ds),
+            dataset=_ds,
+            body=config["body"],
+        log:
+            f"logs/convert/{_ds}.log",
+        benchmark:
+            f"results/benchmarks/convert_{_ds}.tsv"
+        script:
+            "../workflow_scripts/convert.py"
+
+
+rule tokenizer:
+    """Train the project tokenizer on the synthetic corpus (cached; embedded world only)."""
+    input:
+        **{s: f"data/synthetic/{s}.h5" for s in ["train"]},
+    output:
+        f"{RESULTS}/tokenizer/tokenizer.json",
+    params:
+        tokenizer=config["tokenizer"],
+    log:
+        "logs/tokenizer.log",
+    script:
+        "../workflow_scripts/tokenizer.py"

@@ -1,0 +1,43 @@
+# Pose MLLM pretraining (SFT), and the optional pose-aware encoder pretraining.
+
+
+rule pretrain_pose_encoder:
+    """Pretrain the pose-aware ViT on synthetic 2D keypoints (optional, pose_encoder.enabled)."""
+    input:
+        **synthetic_splits(),
+    output:
+        f"{RESULTS}/pose_encoder/model.safetensors",
+    params:
+        pose_encoder=config["pose_encoder"],
+    log:
+        "logs/pretrain_pose_encoder.log",
+    benchmark:
+        "results/benchmarks/pretrain_pose_encoder.tsv"
+    resources:
+        mem_mb=4000, runtime=60,
+    script:
+        "../workflow_scripts/pretrain_pose_encoder.py"
+
+
+rule sft:
+    """Supervised pretraining of one variant's pose MLLM (text->pose, image->pose, VQA)."""
+    input:
+        **synthetic_splits(),
+        tokenizer=f"{RESULTS}/tokenizer/tokenizer.json",
+        pose_encoder=pose_encoder_inputs(),
+    output:
+        model=f"{RUNS}/{{variant}}/seed{{seed}}/sft/final/model.safetensors",
+        config=f"{RUNS}/{{variant}}/seed{{seed}}/sft/final/config.json",
+        tokenizer=f"{RUNS}/{{variant}}/seed{{seed}}/sft/final/tokenizer.json",
+    params:
+        model=lambda wc: variant_section(config, wc.variant, "model", seed=wc.seed),
+        sft=lambda wc: variant_section(config, wc.variant, "sft", seed=wc.seed),
+        body=config["body"],
+    log:
+        "logs/sft/{variant}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/sft_{variant}_seed{seed}.tsv"
+    resources:
+        mem_mb=6000, runtime=120,
+    script:
+        "../workflow_scripts/sft.py"

@@ -1,0 +1,26 @@
+# HyGRPO (or GRPO for the ablation) from the SFT checkpoint, with the frozen reward model.
+
+
+rule rft:
+    input:
+        **synthetic_splits(),
+        sft=lambda wc: f"{sft_dir(wc.variant, wc.seed)}/model.safetensors",
+        reward_model=f"{RESULTS}/retrieval/reward/model.safetensors",
+    output:
+        model=f"{RUNS}/{{variant}}/seed{{seed}}/rft/model.safetensors",
+        config=f"{RUNS}/{{variant}}/seed{{seed}}/rft/config.json",
+        tokenizer=f"{RUNS}/{{variant}}/seed{{seed}}/rft/tokenizer.json",
+        summary=f"{RUNS}/{{variant}}/seed{{seed}}/rft/rft_summary.json",
+    params:
+        rft=lambda wc: variant_section(config, wc.variant, "rft", seed=wc.seed),
+        text_embedder=config["text_embedder"],
+        body=config["body"],
+        checkpoint_dir=lambda wc: f"{RUNS}/{wc.variant}/seed{wc.seed}/rft_checkpoints",
+    log:
+        "logs/rft/{variant}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/rft_{variant}_seed{seed}.tsv"
+    resources:
+        mem_mb=6000, runtime=120,
+    script:
+        "../workflow_scripts/rft.py"
