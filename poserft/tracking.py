@@ -138,9 +138,34 @@ class Tracker(NullTracker):
         run = self._client.create_run(self.experiment_id, run_name=run_name,
                                       tags={k: str(v) for k, v in (tags or {}).items()})
         self.run_id = run.info.run_id
+        self.owns_run = True
         self._ended = False
         if params:
             self.log_params(params)
+
+    @classmethod
+    def attach(cls, run_id: str, tracking_uri: str) -> "Tracker":
+        """Log into an existing run that another process owns.
+
+        For the ranks started by :func:`poserft.train.launch.launch_local`: the Snakemake job
+        (the parent) opened the run, rank 0 logs into it, and only the parent ends it, so one
+        job is one run. ``end`` is a no-op here; the run must exist.
+        """
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        self = cls.__new__(cls)
+        self.uri = tracking_uri
+        self._client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as exc:
+            raise ValueError(f"cannot attach to MLflow run {run_id!r} at {tracking_uri}: {exc}") from exc
+        self.experiment_id = run.info.experiment_id
+        self.run_id = run.info.run_id
+        self.owns_run = False
+        self._ended = False
+        return self
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -171,6 +196,6 @@ class Tracker(NullTracker):
             self._client.set_tag(self.run_id, k, str(v))
 
     def end(self, status: str = "FINISHED") -> None:
-        if not self._ended:
+        if self.owns_run and not self._ended:
             self._client.set_terminated(self.run_id, status=status)
             self._ended = True

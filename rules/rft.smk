@@ -21,6 +21,8 @@ rule rft:
     benchmark:
         "results/benchmarks/rft_{variant}_seed{seed}.tsv"
     resources:
-        mem_mb=6000, runtime=120,
+        # Processes: one rank per GPU when the job has gpu > 1 (slurm/config.yaml), else
+        # nproc_per_node CPU ranks (gloo); 1 = in-process. poserft.train.launch, docs/cluster.md.
+        mem_mb=6000, runtime=120, nproc_per_node=1,
     script:
         "../workflow_scripts/rft.py"

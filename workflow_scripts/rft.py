@@ -1,20 +1,22 @@
 """Rule rft: HyGRPO (or GRPO) from the variant's SFT policy, reward model frozen.
 
 The policy is exported into <run>/rft; resumable checkpoints live in <run>/rft_checkpoints.
+With several GPUs (resources gpu > 1) or resources nproc_per_node > 1, launch_local starts
+one rank per process with torchrun; rank 0 logs into this job's MLflow run. The text
+embedder goes as its config section: each rank builds it, and only when the text reward
+is active.
 """
 from pathlib import Path
 
-from poserft.rl.trainer import run_rft
-from poserft.text.config import TextEmbedderConfig
-from poserft.text.embedder import build_text_embedder
+from poserft.train.launch import job_nproc, launch_local
 from poserft.workflow import job
 
 with job(snakemake) as (params, tracker):  # noqa: F821 (snakemake is injected)
     inp, out = snakemake.input, snakemake.output  # noqa: F821
-    embedder = build_text_embedder(TextEmbedderConfig.from_dict(params["text_embedder"],
-                                                                where="text_embedder"))
-    summary = run_rft(None, params["rft"], Path(inp.sft).parent, Path(inp.reward_model).parent,
-                      {s: inp[s] for s in ("train", "val")}, Path(out.model).parent,
-                      tracker=tracker, text_embedder=embedder, body_cfg=params["body"],
-                      checkpoint_dir=params["checkpoint_dir"])
+    kwargs = dict(model_cfg=None, rft_cfg=params["rft"], sft_dir=str(Path(inp.sft).parent),
+                  reward_model_dir=str(Path(inp.reward_model).parent),
+                  split_paths={s: str(inp[s]) for s in ("train", "val")},
+                  out_dir=str(Path(out.model).parent), text_embedder=params["text_embedder"],
+                  body_cfg=params["body"], checkpoint_dir=params["checkpoint_dir"])
+    summary = launch_local("rft", kwargs, job_nproc(snakemake), tracker=tracker)  # noqa: F821
     print(summary)
