@@ -260,3 +260,26 @@ def test_prompt_sampler_is_deterministic_and_checks_the_mix(world, tmp_path):
                                                          "converter_params": {}})
     with pytest.raises(ValueError, match="image2pose"):
         PromptSampler(SFTTaskData(no_img, policy.config, mix), mix)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_run_rft_on_two_ranks(world, tmp_path, backend):
+    """2 gloo ranks through launch_local (torchrun). Before the fixes, DDP failed with
+    'marked ready twice' (the pose distribution in the model output hid its tensors) and
+    ZeRO-2 with a gloo collective size mismatch (ranks produced gradients for different
+    parameters)."""
+    from poserft.model.io import load_policy
+    from poserft.train.launch import launch_local
+
+    out = tmp_path / "rft"
+    cfg = _cfg(steps=2, engine={"checkpoint_every": 0, "log_every": 1, "backend": backend,
+                                "device": "cpu", "precision": "fp32"}).to_dict()
+    kwargs = dict(model_cfg=None, rft_cfg=cfg, sft_dir=str(world["sft"]),
+                  reward_model_dir=str(world["reward"]),
+                  split_paths={k: str(v) for k, v in world["splits"].items()}, out_dir=str(out),
+                  checkpoint_dir=str(tmp_path / "ckpt"))
+    summary = launch_local("rft", kwargs, 2)
+    assert summary["optimizer_steps"] == 2 * cfg["mu"]
+    sft_sd, rft_sd = load_policy(world["sft"]).state_dict(), load_policy(out).state_dict()
+    assert any(not torch.equal(sft_sd[k], rft_sd[k]) for k in sft_sd)

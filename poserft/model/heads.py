@@ -19,6 +19,8 @@ Samples are mapped to SMPL axis-angle by :func:`pose_to_smpl` (``poserft.body``)
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import torch
@@ -51,11 +53,19 @@ def pose_to_smpl(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vec6d_to_smpl(vec)
 
 
+@dataclasses.dataclass(init=False, eq=False, repr=False)
 class PoseGaussian:
     """Batch of Gaussians ``N(mean, diag(std^2) + factor @ factor^T)``.
 
     Shapes: ``mean`` (B,k), ``std`` (B,k), ``factor`` (B,k,r) or None (diagonal).
+    A dataclass only so that DistributedDataParallel finds the tensors inside a model output
+    that holds one (it searches dataclass fields, not plain attributes); otherwise DDP
+    thinks the pose head unused and then fails with "marked ready twice".
     """
+
+    _mean: torch.Tensor
+    std: torch.Tensor
+    factor: torch.Tensor | None
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, factor: torch.Tensor | None = None):
         if mean.shape != std.shape or mean.dim() != 2:

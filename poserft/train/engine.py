@@ -247,6 +247,20 @@ class TrainEngine:
                 self.save_checkpoint()
 
     # ------------------------------------------------------------------ training
+    def _with_every_param(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss + 0 * (one element of every trainable parameter)`` under multi-rank ZeRO-1/2.
+
+        ZeRO-1/2 reduce gradients bucket by bucket as they become ready, so every rank must
+        produce gradients for the same parameters; a micro-batch that skips a part of the
+        model on one rank (no image in it, no valid pose) would otherwise desynchronise the
+        collectives (gloo: "Received data size doesn't match expected size"). ZeRO-3 tracks
+        parameter use itself and holds only shards outside forward, so it is left alone.
+        """
+        if self.dist.world_size == 1 or self.cfg.zero_stage >= 3:
+            return loss
+        touch = sum(p.reshape(-1)[0] for p in self._module.parameters() if p.requires_grad)
+        return loss + 0.0 * touch
+
     def train_step(self, micro_batches: Sequence[Any],
                    loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]]) -> dict:
         """Accumulate gradients over ``micro_batches`` and take one optimizer step.
@@ -265,7 +279,7 @@ class TrainEngine:
             if self.cfg.backend == "deepspeed":
                 with self.autocast():
                     loss, metrics = loss_fn(self.model, mb)
-                self.model.backward(loss)
+                self.model.backward(self._with_every_param(loss))
                 self.model.step()
             else:
                 sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") \
