@@ -11,14 +11,6 @@ from poserft.model.testing import tiny_model_config, tiny_policy
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _images(b, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (b, size, size, 3), generator=g, dtype=torch.uint8)
