@@ -211,3 +211,34 @@ def test_summary_page(tmp_path):
     assert "![Metrics per variant](../plots/bars.png)" in text
     assert "full.mRecall 12.3" in text and "sampled.mRecall 56.8" in text
     assert "| dist_rft/seed2 | hygrpo | 12 | a/joint | 1 | 1.5 | +0.5 |" in text
+
+
+def test_reward_panels_keep_training_curves_beside_heldout(tmp_path, monkeypatch):
+    """Many held-out keys must not crowd out the training reward curves (and standard
+    errors / timings are not rewards)."""
+    hist = [(s, f"rft/reward/{n}", float(s)) for s in range(3) for n in ("a", "b", "c", "d", "e", "f")]
+    hist += [(0, "rft/time/reward_s", 1.0)]
+    for t in ("joint", "joint_mean_pose", "semantic", "semantic_mean_pose"):
+        hist += [(0, f"heldout/x/{t}", 0.0), (2, f"heldout/x/{t}", 1.0),
+                 (0, f"heldout/x/{t}_se", 0.1), (2, f"heldout/x/{t}_se", 0.1)]
+    keys = P.reward_keys(hist)
+    assert "rft/time/reward_s" not in keys and not any(k.endswith("_se") for k in keys)
+    drawn = []
+    real_plot = P._agg
+
+    def spy_agg():
+        plt = real_plot()
+        orig = plt.subplots
+
+        def subplots(*a, **kw):
+            fig, axes = orig(*a, **kw)
+            for ax in axes.flat:
+                ax.set_title = lambda title, _f=ax.set_title, **k: (drawn.append(title), _f(title, **k))[1]
+            return fig, axes
+        monkeypatch.setattr(plt, "subplots", subplots)
+        return plt
+    monkeypatch.setattr(P, "_agg", spy_agg)
+    P.plot_reward_curves({("dist_rft", 0): hist}, tmp_path / "curves.png", max_panels=8)
+    assert len(drawn) == 8
+    assert sum(k.startswith("rft/reward/") for k in drawn) == 4
+    assert sum(k.startswith("heldout/") for k in drawn) == 4

@@ -164,7 +164,9 @@ def collect_reward_histories(rft_summaries: Sequence[str | os.PathLike],
 def reward_keys(history: Iterable[tuple[int, str, float]]) -> list[str]:
     """Metric names that are rewards (contain 'reward', or held-out rewards), sorted with the
     held-out ones last."""
-    keys = {k for _, k, _ in history if _REWARD_KEY.search(k) or k.startswith("heldout/")}
+    keys = {k for _, k, _ in history
+            if (_REWARD_KEY.search(k) or k.startswith("heldout/"))
+            and not k.endswith("_se") and "time/" not in k}   # standard errors, timings
     return sorted(keys, key=lambda k: (k.startswith("heldout/"), k))
 
 
@@ -180,9 +182,11 @@ def plot_reward_curves(histories: Mapping[tuple[str, int], Sequence[tuple[int, s
     plt = _agg()
     present = {run: h for run, h in histories.items() if h}
     keys = list(keys) if keys is not None else reward_keys(t for h in present.values() for t in h)
-    if len(keys) > max_panels:   # keep the held-out panels, drop surplus training keys
-        held = [k for k in keys if k.startswith("heldout/")][:max_panels]
-        keys = [k for k in keys if not k.startswith("heldout/")][:max_panels - len(held)] + held
+    if len(keys) > max_panels:   # at most half the panels held-out, the rest training curves
+        held = [k for k in keys if k.startswith("heldout/")]
+        train = [k for k in keys if not k.startswith("heldout/")]
+        n_held = min(len(held), max(max_panels // 2, max_panels - len(train)))
+        keys = train[:max_panels - n_held] + held[:n_held]
     cols = min(4, max(1, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
