@@ -48,20 +48,6 @@ def _random_split(path: Path, n: int = 64, image_size: int = 64) -> Path:
                                       "body_model": "skeleton", "converter_params": {}})
 
 
-def _teach_format(policy, split: Path, steps: int) -> None:
-    from poserft.train.data import SFTTaskData
-
-    data = SFTTaskData(split, policy.config, {"text2pose": 1.0, "image2pose": 1.0})
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    for s in range(steps):
-        b = data.batch(s, 0, 8)
-        loss, _ = policy.sft_loss(policy.sft_batch(b["prompts"], b["answers"], b["images"],
-                                                   b["poses"], b["has_pose"]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 def _reward_model_dir(tmp: Path, tokenizer) -> Path:
     from poserft.retrieval.checkpoint import save_retrieval_model
     from poserft.retrieval.config import RetrievalConfig
@@ -104,9 +90,9 @@ def main() -> None:
     else:
         from poserft.model.config import ModelConfig
         from poserft.model.policy import build_policy
-        from poserft.model.testing import make_test_tokenizer
+        from poserft.model.testing import make_test_tokenizer, teach_answer_format
         base = build_policy(ModelConfig(), make_test_tokenizer(tmp))
-        _teach_format(base, split, args.teach_steps)
+        teach_answer_format(base, split, args.teach_steps)
         source = f"default model section, {args.teach_steps} format-teaching steps"
     reward_dir = Path(args.reward_model) if args.reward_model else _reward_model_dir(tmp, base.tokenizer)
     n_params = sum(p.numel() for p in base.parameters())

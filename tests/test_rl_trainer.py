@@ -45,27 +45,10 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def _teach_answer_format(policy, split_path, steps=25):
-    """A few supervised steps so the tiny policy emits 'The SMPL pose ... <POSE>.' (a random
-    policy almost never emits <POSE>, which would leave RL nothing to optimise)."""
-    from poserft.train.data import SFTTaskData
-
-    data = SFTTaskData(split_path, policy.config, {"text2pose": 1.0, "image2pose": 1.0})
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    for s in range(steps):
-        b = data.batch(s, 0, 8)
-        loss, _ = policy.sft_loss(policy.sft_batch(b["prompts"], b["answers"], b["images"],
-                                                   b["poses"], b["has_pose"]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return policy.eval()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, one_thread):
     from poserft.model.io import save_policy
-    from poserft.model.testing import tiny_policy
+    from poserft.model.testing import teach_answer_format, tiny_policy
     from poserft.retrieval.checkpoint import save_retrieval_model
     from poserft.retrieval.config import RetrievalConfig
     from poserft.retrieval.model import RetrievalArch, RetrievalModel
@@ -74,7 +57,7 @@ def world(tmp_path_factory, one_thread):
     torch.manual_seed(0)
     policy, tok = tiny_policy(root)
     splits = {"train": _split(root / "train.h5", 0), "val": _split(root / "val.h5", 1)}
-    save_policy(_teach_answer_format(policy, splits["train"]), root / "sft" / "final")
+    save_policy(teach_answer_format(policy, splits["train"]), root / "sft" / "final")
     rcfg = RetrievalConfig.from_dict(dict(d_model=16, n_layers=1, n_heads=2, ff_dim=32,
                                           pose_hidden_dim=32, latent_dim=8), where="retrieval")
     arch = RetrievalArch.from_config(rcfg, len(tok), tok.pad_token_id, tok.bos_token_id)

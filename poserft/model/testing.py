@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TEST_TEXTS", "make_test_tokenizer", "tiny_model_config", "tiny_policy"]
+__all__ = ["TEST_TEXTS", "make_test_tokenizer", "tiny_model_config", "tiny_policy",
+           "teach_answer_format"]
 
 TEST_TEXTS = [
     "The person is standing with both arms raised above the head.",
@@ -106,3 +107,22 @@ def make_test_split(path: str | os.PathLike, n: int = 32, image_size: int = 16, 
     }
     return write_split(path, arrays, {"source": "test", "split": split, "body_model": "skeleton",
                                       "converter_params": {"seed": seed}})
+
+
+def teach_answer_format(policy, split_path: str | os.PathLike, steps: int = 25):
+    """A few supervised steps so a tiny random policy emits 'The SMPL pose ... <POSE>.'
+    (it almost never does by chance, which would leave RL nothing to optimise)."""
+    import torch
+
+    from poserft.train.data import SFTTaskData
+
+    data = SFTTaskData(split_path, policy.config, {"text2pose": 1.0, "image2pose": 1.0})
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for s in range(steps):
+        b = data.batch(s, 0, 8)
+        loss, _ = policy.sft_loss(policy.sft_batch(b["prompts"], b["answers"], b["images"],
+                                                   b["poses"], b["has_pose"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return policy.eval()
