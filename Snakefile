@@ -16,7 +16,7 @@ validate(config, "schemas/config.schema.yaml")
 from poserft.config import ConfigError, load_config, variant_section
 
 try:
-    CFG = load_config(config)
+    load_config(config)
 except ConfigError as exc:
     raise WorkflowError(f"config error: {exc}") from None
 

@@ -101,12 +101,6 @@ class WorkflowConfig:
     variants: dict[str, VariantConfig]
     seeds: list[int]
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["sections"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
 
 def deep_merge(base: dict, override: dict) -> dict:
     """Recursively merge ``override`` into a copy of ``base`` (dicts merge, the rest replaces)."""

@@ -31,10 +31,6 @@ def has_rft(variant):
     return config["variants"][variant].get("rft") is not None
 
 
-def sft_variants():
-    return [v for v in VARIANTS if not config["variants"][v].get("sft_from")]
-
-
 def rft_variants():
     return [v for v in VARIANTS if has_rft(v)]
 
@@ -57,11 +53,6 @@ def evaluator_role():
 
 def retrieval_dir(role):
     return f"{RESULTS}/retrieval/{role}"
-
-
-def retrieval_section(role):
-    """Retrieval config for one role; the role's own seed/subset live inside the section."""
-    return config["retrieval"]
 
 
 def pose_encoder_inputs():

@@ -56,7 +56,7 @@ for _ds in REAL_DATASETS:
 rule tokenizer:
     """Train the project tokenizer on the synthetic corpus (cached; embedded world only)."""
     input:
-        **{s: f"data/synthetic/{s}.h5" for s in ["train"]},
+        train="data/synthetic/train.h5",
     output:
         f"{RESULTS}/tokenizer/tokenizer.json",
     params:
