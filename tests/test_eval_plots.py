@@ -40,9 +40,11 @@ def test_history_from_csv_and_summary(tmp_path):
 
 def test_heldout_points_from_rft_summary():
     s = {"optimizer_steps": 24, "heldout_before": {"image2pose/joint": 5.0, "image2pose/pose_valid_rate": 1.0,
-                                                   "text2pose/semantic": 0.1, "image2pose/mpjpe_mm_mean_pose": 9.0},
+                                                   "text2pose/semantic": 0.1, "image2pose/mpjpe_mm_mean_pose": 9.0,
+                                                   "text2pose/pose_std": 0.2},
          "heldout_after": {"image2pose/joint": 7.0, "image2pose/pose_valid_rate": 1.0,
-                           "text2pose/semantic": 0.3, "image2pose/mpjpe_mm_mean_pose": 8.0}}
+                           "text2pose/semantic": 0.3, "image2pose/mpjpe_mm_mean_pose": 8.0,
+                           "text2pose/pose_std": 0.1}}
     pts = P.heldout_points(s)
     assert pts == [(0, "heldout/image2pose/joint", 5.0), (24, "heldout/image2pose/joint", 7.0),
                    (0, "heldout/text2pose/semantic", 0.1), (24, "heldout/text2pose/semantic", 0.3)]
@@ -202,7 +204,9 @@ def test_summary_page(tmp_path):
     rft = tmp_path / "results" / "runs" / "dist_rft" / "seed2" / "rft" / "rft_summary.json"
     rft.parent.mkdir(parents=True)
     rft.write_text(json.dumps({"mode": "hygrpo", "rl_steps": 12, "heldout_before": {"a/joint": 1.0},
-                               "heldout_after": {"a/joint": 1.5}}))
+                               "heldout_after": {"a/joint": 1.5, "a/semantic": 0.2},
+                               "heldout_paired": {"a/joint": {"delta": 0.5, "se": 0.125, "t": 4.0,
+                                                              "n_prompts": 8}}}))
     out = write_summary(tmp_path / "results" / "report" / "summary.md", tables,
                         {"Metrics per variant": png}, {"evaluator": recall}, [rft],
                         variants={"dist_rft": "the method"})
@@ -210,7 +214,8 @@ def test_summary_page(tmp_path):
     assert "## Results" in text and "#### Table 1. x" in text        # headings demoted
     assert "![Metrics per variant](../plots/bars.png)" in text
     assert "full.mRecall 12.3" in text and "sampled.mRecall 56.8" in text
-    assert "| dist_rft/seed2 | hygrpo | 12 | a/joint | 1 | 1.5 | +0.5 |" in text
+    assert "| dist_rft/seed2 | hygrpo | 12 | a/joint | 1 | 1.5 | +0.5 | +0.5 ± 0.12 (+4.0) |" in text
+    assert "a/semantic" not in text                  # only keys measured before and after
 
 
 def test_reward_panels_keep_training_curves_beside_heldout(tmp_path, monkeypatch):

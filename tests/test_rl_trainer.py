@@ -173,6 +173,14 @@ def test_run_rft_end_to_end_and_resume(world, tmp_path, mode):
         for key in ("image2pose/joint", "image2pose/joint_mean_pose", "image2pose/mpjpe_mm_mean_pose",
                     "text2pose/semantic", "text2pose/semantic_mean_pose"):
             assert np.isfinite(summary[part][key]), (part, key)
+        for key in ("image2pose/pose_std", "text2pose/pose_std"):
+            assert 0 < summary[part][key] < 1.0, (part, key)
+    # paired before/after statistics over the same held-out prompts (eval_prompts=2 each)
+    paired = summary["heldout_paired"]
+    for key in ("image2pose/joint", "image2pose/joint_mean_pose", "text2pose/semantic",
+                "text2pose/semantic_mean_pose"):
+        assert paired[key]["n_prompts"] == 2, key
+        assert np.isfinite(paired[key]["delta"]) and paired[key]["se"] >= 0, key
     last = summary["last_step"]
     assert np.isfinite(last["loss/total"])
     # precondition of the parameter checks below: the rollout had something to learn
@@ -189,6 +197,46 @@ def test_run_rft_end_to_end_and_resume(world, tmp_path, mode):
                    world["splits"], out)
     assert s2["optimizer_steps"] == 2 * cfg.mu
     assert s2["heldout_before"] == s1["heldout_before"]
+    # the per-prompt SFT-start values survive the resume, so the pairing is still possible
+    assert set(s2["heldout_paired"]) == set(s1["heldout_paired"])
+
+
+def test_group_means_match_a_loop():
+    rng = np.random.default_rng(0)
+    n_groups, n = 5, 23
+    group = torch.as_tensor(rng.integers(0, n_groups, n))
+    values = torch.as_tensor(rng.normal(size=n), dtype=torch.float32)
+    ok = torch.as_tensor(rng.random(n) < 0.6)
+    ok[group == 3] = False                     # a group with no valid member -> NaN
+    got = T._group_means(torch.where(ok, values, torch.tensor(float("nan"))), ok, group, n_groups)
+    for g in range(n_groups):
+        sel = [float(values[i]) for i in range(n) if int(group[i]) == g and bool(ok[i])]
+        if sel:
+            assert float(got[g]) == pytest.approx(sum(sel) / len(sel), rel=1e-6)
+        else:
+            assert np.isnan(float(got[g]))
+
+
+def test_paired_deltas_match_scipy_paired_t_test():
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    before = rng.normal(size=40)
+    after = before + 0.3 + 0.2 * rng.normal(size=40)   # large between-prompt spread, small shift
+    before[3], after[7] = np.nan, np.nan                # prompts without a valid candidate
+    got = T.paired_heldout_deltas({"a/r": before.tolist(), "b/r": [1.0]},
+                                  {"a/r": after.tolist(), "c/r": [2.0]})
+    assert set(got) == {"a/r"}                          # only keys measured both times
+    keep = np.isfinite(before) & np.isfinite(after)
+    ref = stats.ttest_rel(after[keep], before[keep])
+    assert got["a/r"]["n_prompts"] == keep.sum() == 38
+    assert got["a/r"]["delta"] == pytest.approx(np.mean(after[keep] - before[keep]), rel=1e-12)
+    assert got["a/r"]["t"] == pytest.approx(ref.statistic, rel=1e-10)
+    # pairing is what makes the shift visible: the unpaired SE is several times larger
+    unpaired_se = np.sqrt(before[keep].var(ddof=1) / 38 + after[keep].var(ddof=1) / 38)
+    assert got["a/r"]["se"] < unpaired_se / 3
+    # mismatched lengths (a different eval_prompts) are not paired
+    assert T.paired_heldout_deltas({"a/r": [1.0, 2.0]}, {"a/r": [1.0]}) == {}
 
 
 def test_mode_needs_gaussian_head(world, tmp_path):

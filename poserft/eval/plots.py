@@ -123,13 +123,13 @@ def mlflow_reward_history(tracking_uri: str, experiment: str, variant: str, seed
 
 def heldout_points(summary: Mapping[str, Any]) -> list[tuple[int, str, float]]:
     """Held-out rewards of an ``rft_summary.json``: before (step 0) and after (the last
-    optimizer step), as ``heldout/<task>/<reward>`` points (pose-valid rates, MPJPE and
-    counts are not rewards and are left out)."""
+    optimizer step), as ``heldout/<task>/<reward>`` points (pose-valid rates, MPJPE, the
+    head's std and counts are not rewards and are left out)."""
     before, after = summary.get("heldout_before") or {}, summary.get("heldout_after") or {}
     end = int(summary.get("optimizer_steps") or summary.get("rl_steps") or 1)
     out = []
     for key in sorted(set(before) & set(after)):
-        if any(word in key for word in ("pose_valid", "mpjpe", "n_candidates")):
+        if any(word in key for word in ("pose_valid", "mpjpe", "n_candidates", "pose_std")):
             continue
         out += [(0, f"heldout/{key}", float(before[key])), (end, f"heldout/{key}", float(after[key]))]
     return out

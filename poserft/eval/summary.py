@@ -35,16 +35,23 @@ def _rft_lines(rft_summaries: Sequence[str | os.PathLike]) -> list[str]:
     if not rft_summaries:
         return []
     lines = ["## RFT: held-out rewards before -> after", "",
-             "| Run | Mode | RL steps | Metric | Before | After | Delta |", "|---|---|---:|---|---:|---:|---:|"]
+             "Paired delta: mean over the same held-out prompts of (after - before) of the "
+             "per-prompt mean reward, with its standard error and t = delta / SE.", "",
+             "| Run | Mode | RL steps | Metric | Before | After | Delta | Paired delta ± SE (t) |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
     for path in rft_summaries:
         variant, seed = parse_run_path(Path(path).parent.parent / "metrics.json")
         s = json.loads(Path(path).read_text())
         before, after = s.get("heldout_before") or {}, s.get("heldout_after") or {}
+        paired = s.get("heldout_paired") or {}
         for key in sorted(set(before) & set(after)):
-            if key.endswith("n_candidates"):
+            if key.endswith(("n_candidates", "_se")):
                 continue
+            p = paired.get(key)
+            pcell = f"{p['delta']:+.4g} ± {p['se']:.2g} ({p['t']:+.1f})" if p else ""
             lines.append(f"| {variant}/seed{seed} | {s.get('mode', '')} | {s.get('rl_steps', '')} | "
-                         f"{key} | {before[key]:.4g} | {after[key]:.4g} | {after[key] - before[key]:+.4g} |")
+                         f"{key} | {before[key]:.4g} | {after[key]:.4g} | {after[key] - before[key]:+.4g} "
+                         f"| {pcell} |")
     return lines + [""]
 
 

@@ -6,7 +6,8 @@ writes::
     out_dir/model.safetensors, config.json, tokenizer.json   the RFT policy (save_policy;
                                                               load with load_policy(out_dir))
     out_dir/rft_summary.json     held-out rewards before (SFT start) and after RFT, deltas,
-                                 last training metrics
+                                 paired per-prompt deltas with standard errors and t
+                                 (``heldout_paired``), last training metrics
     checkpoint_dir/checkpoints/step_*/   resumable engine checkpoints (default:
                                  ``<out_dir>_checkpoints``; out_dir itself is replaced
                                  atomically by the export, so checkpoints live beside it)
@@ -38,7 +39,7 @@ from poserft.rl.rewards import REWARDS, RewardContext, RewardResult, compute_rew
 from poserft.rl.rollout import PromptBatch, PromptSampler, generate_group, reward_inputs
 
 __all__ = ["run_rft", "rft_step", "prepare_micro_batches", "make_loss_fn", "heldout_rewards",
-           "hygrpo_params", "build_reward_context", "MicroBatch"]
+           "hygrpo_params", "build_reward_context", "MicroBatch", "paired_heldout_deltas"]
 
 log = logging.getLogger(__name__)
 
@@ -225,20 +226,26 @@ def rft_step(engine, sampler: PromptSampler, step: int, ctx: RewardContext, cfg:
 
 @torch.no_grad()
 def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, cfg: RFTConfig,
-                    chunk: int = 16) -> dict[str, float]:
+                    chunk: int = 16, per_prompt: dict | None = None) -> dict[str, float]:
     """Mean joint (image->pose) and semantic (text->pose) reward on the first
     ``cfg.eval_prompts`` prompts of the split, ``cfg.eval_samples`` sampled candidates each,
-    with a fixed seed (so "before" and "after" see the same noise).
+    with a fixed seed (so "before" and "after" see the same prompts and noise streams).
 
     Keys per task: ``{task}/{reward}`` (sampled pose: the quantity RL maximises, mean over
     candidates with a valid pose), ``{task}/{reward}_mean_pose`` (the head's mean pose of
-    the same candidates), ``{task}/pose_valid_rate``, ``*_se`` standard errors; image2pose
+    the same candidates), ``{task}/pose_valid_rate``, ``{task}/pose_std`` (mean std of the
+    head over the valid candidates), ``*_se`` standard errors over candidates; image2pose
     also ``mpjpe_mm_mean_pose``.
+
+    ``per_prompt``: if a dict is given, it receives ``{task}/{reward}[_mean_pose]`` -> list
+    of per-prompt means over that prompt's valid candidates (NaN where none is valid), in
+    prompt order, for :func:`paired_heldout_deltas`.
     """
     out: dict[str, float] = {}
     if sampler is None or cfg.eval_prompts == 0:
         return out
     from poserft.body import vec6d_to_rotmats
+    from poserft.eval.metrics import mpjpe
     gen = torch.Generator(device=policy.device).manual_seed(cfg.engine.seed + 2 ** 20)
     for task, reward in HELDOUT_REWARDS.items():
         if sampler.data.task_sizes.get(task, 0) == 0:
@@ -249,7 +256,8 @@ def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, c
         batch_all = sampler.first(task, cfg.eval_prompts)
         if batch_all is None:
             continue
-        sums = {"sampled": [], "mean": [], "valid": [], "mpjpe": []}
+        sums = {"sampled": [], "mean": [], "valid": [], "mpjpe": [], "std": []}
+        prompt_means: dict[str, list[torch.Tensor]] = {"sampled": [], "mean": []}
         for s in range(0, len(batch_all), chunk):
             b = _slice_batch(batch_all, slice(s, s + chunk))
             r = generate_group(policy, b, cfg.eval_samples, cfg.max_new_tokens, cfg.temperature, gen)
@@ -257,13 +265,16 @@ def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, c
             for which, key in (("sample", "sampled"), ("mean", "mean")):
                 v, ok = REWARDS.get(reward).fn(reward_inputs(b, r, which), ctx)
                 sums[key].append(v[ok])
+                prompt_means[key].append(_group_means(v, ok, r.prompt_index.cpu(), len(b)))
+            if bool(r.pose_valid.any()):
+                policy_dist = _rollout_std(policy, b, r)
+                sums["std"].append(policy_dist[r.pose_valid].mean(-1).cpu())
             if reward == "joint" and bool(r.pose_valid.any()):
                 inp = reward_inputs(b, r, "mean")
                 ok = inp.pose_valid
                 body = ctx.body_model
                 jp = body.forward_rotmats(vec6d_to_rotmats(inp.poses[ok].float()))
                 jg = body.forward_rotmats(vec6d_to_rotmats(inp.gt_poses[ok].float()))
-                from poserft.eval.metrics import mpjpe
                 sums["mpjpe"].append(torch.as_tensor(mpjpe(jp, jg, root=0)).float())
         valid = torch.cat(sums["valid"])
         out[f"{task}/pose_valid_rate"] = valid.mean().item()
@@ -273,11 +284,57 @@ def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, c
             if vals.numel():
                 out[f"{task}/{name}"] = vals.mean().item()
                 # standard error over candidates (candidates of one prompt are correlated,
-                # so this is a lower bound; compare deltas against it with care)
+                # so this is a lower bound; the paired per-prompt test is the honest one)
                 out[f"{task}/{name}_se"] = (vals.std().item() / vals.numel() ** 0.5
                                             if vals.numel() > 1 else 0.0)
+            if per_prompt is not None:
+                per_prompt[f"{task}/{name}"] = torch.cat(prompt_means[key]).tolist()
+        if sums["std"]:
+            out[f"{task}/pose_std"] = torch.cat(sums["std"]).mean().item()
         if sums["mpjpe"]:
             out[f"{task}/mpjpe_mm_mean_pose"] = torch.cat(sums["mpjpe"]).mean().item()
+    return out
+
+
+def _group_means(values: torch.Tensor, ok: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
+    """(N,) values valid where ``ok``, grouped by ``group`` (N,) in [0,n) -> (n,) float64
+    per-group means over the valid members, NaN for a group without one."""
+    v = torch.where(ok, values.double(), torch.zeros((), dtype=torch.float64))
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, group.long(), v)
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, group.long(), ok.double())
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full((), float("nan"),
+                                                                          dtype=torch.float64))
+
+
+def _rollout_std(policy, batch: PromptBatch, rollout) -> torch.Tensor:
+    """(N,144) per-dimension std of the pose head on a rollout (zeros for a point head)."""
+    dist = policy.score(batch.prompts, batch.images, rollout).pose_dist
+    std = getattr(dist, "std", None)
+    return torch.zeros_like(dist.mean) if std is None else std
+
+
+def paired_heldout_deltas(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Paired before/after comparison on the same held-out prompts.
+
+    ``before``/``after``: key -> per-prompt means (see ``heldout_rewards(per_prompt=...)``).
+    For each key present in both with the same number of prompts: ``delta`` (mean over
+    prompts of after - before), ``se`` (std of the per-prompt differences / sqrt(n)), ``t``
+    (delta / se; inf when se is 0 and delta is not), ``n_prompts`` (prompts valid in both).
+    Pairing removes the between-prompt spread, which dominates the unpaired standard error.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for key in sorted(set(before) & set(after)):
+        b = np.asarray(before[key], dtype=np.float64)
+        a = np.asarray(after[key], dtype=np.float64)
+        if a.shape != b.shape:
+            continue
+        d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+        if d.size == 0:
+            continue
+        se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+        delta = float(d.mean())
+        t = delta / se if se > 0 else (float("inf") * np.sign(delta) if delta else 0.0)
+        out[key] = {"delta": delta, "se": se, "t": float(t), "n_prompts": float(d.size)}
     return out
 
 
@@ -409,8 +466,10 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
                             if not isinstance(v, dict)})
     extra = engine.resume()
     before = extra.get("before")
+    before_pp = extra.get("before_per_prompt") or {}
     if before is None:
-        before = heldout_rewards(policy, val_sampler, ctx, cfg) if engine.is_main else {}
+        before = heldout_rewards(policy, val_sampler, ctx, cfg, per_prompt=before_pp) \
+            if engine.is_main else {}
         if engine.is_main and before:
             engine.log(before, prefix="heldout_before/")
     first = engine.step // cfg.mu
@@ -427,9 +486,13 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
             engine.log(last, prefix="rft/")
         every = cfg.engine.checkpoint_every
         if (every and (step + 1) % every == 0) or step + 1 == cfg.steps:
-            engine.save_checkpoint(extra={"before": before, "rl_step": step + 1})
+            engine.save_checkpoint(extra={"before": before, "before_per_prompt": before_pp,
+                                          "rl_step": step + 1})
 
-    after = heldout_rewards(policy, val_sampler, ctx, cfg) if engine.is_main else {}
+    after_pp: dict = {}
+    after = heldout_rewards(policy, val_sampler, ctx, cfg, per_prompt=after_pp) \
+        if engine.is_main else {}
+    paired = paired_heldout_deltas(before_pp, after_pp)
     engine.export_policy(out_dir)
     summary: dict = {"mode": cfg.mode, "rl_steps": cfg.steps, "optimizer_steps": engine.step,
                      "sft_dir": str(sft_dir), "policy_dir": str(out_dir),
@@ -437,9 +500,12 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
                      "heldout_before": before, "heldout_after": after,
                      "heldout_delta": {k: after[k] - before[k] for k in after
                                        if k in before and not k.endswith(("n_candidates", "_se"))},
+                     "heldout_paired": paired,
                      "last_step": last}
     if engine.is_main:
         engine.log(after, prefix="heldout_after/")
+        engine.log({f"{k}/{stat}": v for k, d in paired.items() for stat, v in d.items()
+                    if stat in ("delta", "se", "t") and np.isfinite(v)}, prefix="heldout_paired/")
         write_json(out_dir / "rft_summary.json", summary, allow_nan=True)
         tracker.log_artifact(out_dir / "rft_summary.json")
     return summary
