@@ -101,10 +101,11 @@ def test_gradient_accumulation_equals_big_batch(tmp_path):
     assert a.step == b.step == 1
 
 
-def _run(out_dir, total, kill_after=None, every=2):
+def _run(out_dir, total, kill_after=None, every=2, fingerprint=None):
     """Train with dropout (exercises RNG restore); returns {step: loss} of this process."""
     eng = TrainEngine(_Net(dropout=0.3), OptimConfig(lr=0.05, warmup_steps=2), EngineConfig(
-        checkpoint_every=every, keep_checkpoints=2, log_every=1), total, out_dir)
+        checkpoint_every=every, keep_checkpoints=2, log_every=1), total, out_dir,
+        fingerprint=fingerprint)
     losses = {}
     for step in eng.steps():
         m = eng.train_step([_batch(step, 0), _batch(step, 1)], _mse)
@@ -127,6 +128,44 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tmp_path):
     assert eng.step == 7
     kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert kept == ["step_00000006", "step_00000007"]  # keep_checkpoints=2, final step saved
+
+
+def test_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    # a rerun after a config change (Snakemake keeps the checkpoints: they are no output)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, 7, kill_after=4, fingerprint="config-a")
+    assert (latest_checkpoint(tmp_path) / "FINGERPRINT").read_text() == "config-a"
+    same, _ = _run(tmp_path / "copy", 7)              # reference: a fresh uninterrupted run
+    other, eng = _run(tmp_path, 7, fingerprint="config-b")
+    assert min(other) == 0 and eng.step == 7           # started afresh, not from step 4
+    for step, loss in other.items():
+        assert loss == pytest.approx(same[step], rel=1e-6, abs=1e-7), step
+    assert (latest_checkpoint(tmp_path) / "FINGERPRINT").read_text() == "config-b"
+    # the same fingerprint resumes
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "c", 7, kill_after=4, fingerprint="x")
+    resumed, _ = _run(tmp_path / "c", 7, fingerprint="x")
+    assert min(resumed) == 4
+    # a checkpoint without a fingerprint (older engine) is stale for a run that has one
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "d", 7, kill_after=4)
+    fresh, _ = _run(tmp_path / "d", 7, fingerprint="x")
+    assert min(fresh) == 0
+
+
+def test_run_fingerprint_tracks_config_and_inputs(tmp_path):
+    import os
+    from poserft.train.engine import run_fingerprint
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"abc")
+    base = run_fingerprint({"lr": 1e-3, "nested": {"a": 1}}, [f])
+    assert base == run_fingerprint({"nested": {"a": 1}, "lr": 1e-3}, [f])   # key order
+    assert base != run_fingerprint({"lr": 2e-3, "nested": {"a": 1}}, [f])
+    assert base != run_fingerprint({"lr": 1e-3, "nested": {"a": 2}}, [f])
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))               # a rewritten input
+    assert base != run_fingerprint({"lr": 1e-3, "nested": {"a": 1}}, [f])
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):

@@ -200,6 +200,13 @@ def test_run_rft_end_to_end_and_resume(world, tmp_path, mode):
     # the per-prompt SFT-start values survive the resume, so the pairing is still possible
     assert set(s2["heldout_paired"]) == set(s1["heldout_paired"])
 
+    # a rerun after a config change (what Snakemake does when the rft section is edited)
+    # must not continue these checkpoints: it starts from the SFT policy again
+    s3 = T.run_rft(None, _cfg(mode=mode, steps=1, clip_eps_pose=0.25), world["sft"],
+                   world["reward"], world["splits"], out)
+    assert s3["optimizer_steps"] == cfg.mu
+    assert s3["heldout_before"] == s1["heldout_before"]   # measured afresh on the SFT policy
+
 
 def test_group_means_match_a_loop():
     rng = np.random.default_rng(0)

@@ -392,6 +392,29 @@ def _check_out_dir(out_dir: Path) -> None:
                          "directory itself (e.g. results/runs/<variant>/seed<k>/rft)")
 
 
+# rft keys that may change between a run and its resume without changing its trajectory
+_RESUMABLE_KEYS = {"reference_device"}
+_RESUMABLE_ENGINE_KEYS = {"checkpoint_every", "keep_checkpoints", "log_every", "num_threads",
+                          "dist_timeout_s"}
+
+
+def _resume_relevant(cfg: dict) -> dict:
+    """The part of the rft section a checkpoint's trajectory depends on. ``steps`` is left
+    out under a constant LR (min_lr_ratio 1), so that a longer run continues a shorter one;
+    with a decaying LR the schedule spans ``steps`` and a change starts afresh."""
+    out = {k: v for k, v in cfg.items() if k not in _RESUMABLE_KEYS}
+    if cfg["optim"].get("min_lr_ratio", 1.0) == 1.0:
+        out.pop("steps", None)
+    out["engine"] = {k: v for k, v in cfg["engine"].items() if k not in _RESUMABLE_ENGINE_KEYS}
+    return out
+
+
+def _policy_weights(policy_dir) -> Path:
+    """The weights file ``load_policy(policy_dir)`` reads (it resolves ``final/``)."""
+    d = Path(policy_dir)
+    return d / "model.safetensors" if (d / "model.safetensors").is_file() else d / "final" / "model.safetensors"
+
+
 def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_dir,
             split_paths: dict, out_dir, tracker=None, text_embedder=None, body_cfg=None,
             checkpoint_dir=None) -> dict:
@@ -413,7 +436,7 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
     """
     from poserft.model.io import load_policy
     from poserft.train.data import SFTTaskData
-    from poserft.train.engine import TrainEngine, seed_everything
+    from poserft.train.engine import TrainEngine, run_fingerprint, seed_everything
 
     cfg = rft_cfg if isinstance(rft_cfg, RFTConfig) else RFTConfig.from_dict(rft_cfg, where="rft")
     if "train" not in split_paths:
@@ -458,9 +481,14 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
     need_text = "text" in active and mix.get("image2text", 0) > 0
     ctx = build_reward_context(cfg, reward_model_dir, body_cfg, text_embedder, need_semantic, need_text)
 
+    fingerprint = run_fingerprint(
+        _resume_relevant(cfg.to_dict()),
+        [_policy_weights(sft_dir), *(Path(p) for p in split_paths.values() if p),
+         *([Path(reward_model_dir) / "model.safetensors"] if reward_model_dir else [])])
     engine = TrainEngine(policy, cfg.optim, cfg.engine, cfg.steps * cfg.mu, checkpoint_dir,
                          grad_accum=cfg.batch_size * cfg.group_size // cfg.micro_batch_size,
-                         micro_batch_size=cfg.micro_batch_size, tracker=tracker)
+                         micro_batch_size=cfg.micro_batch_size, tracker=tracker,
+                         fingerprint=fingerprint)
     if engine.is_main:
         tracker.log_params({f"rft_{k}": v for k, v in cfg.to_dict().items()
                             if not isinstance(v, dict)})

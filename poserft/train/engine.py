@@ -23,6 +23,7 @@ loaded automatically on restart. They hold model, optimizer, scheduler, RNG stat
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -38,9 +39,29 @@ from poserft.train.config import EngineConfig, OptimConfig
 from poserft.train.distributed import DistInfo, barrier, init_distributed
 
 __all__ = ["lr_factor", "make_optimizer", "make_scheduler", "deepspeed_config", "TrainEngine",
-           "capture_rng_state", "restore_rng_state", "latest_checkpoint", "seed_everything"]
+           "capture_rng_state", "restore_rng_state", "latest_checkpoint", "seed_everything",
+           "run_fingerprint"]
+
+log = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^step_(\d{8})$")
+_FINGERPRINT_FILE = "FINGERPRINT"
+
+
+def run_fingerprint(config: dict, files: Sequence[str | os.PathLike] = ()) -> str:
+    """Short hash of what a training run's trajectory depends on: its config section (a
+    plain dict; leave out keys that may change between resumes, e.g. ``steps``) and its
+    input files, each by resolved path, size and modification time (cheap for multi-GB
+    checkpoints; a touched or copied input counts as changed, which only costs a restart)."""
+    import hashlib
+    import json
+    stats = []
+    for f in files:
+        p = Path(f)
+        st = p.stat() if p.exists() else None
+        stats.append([str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
+    blob = json.dumps({"config": config, "files": stats}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -161,8 +182,11 @@ class TrainEngine:
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, engine: EngineConfig,
                  total_steps: int, out_dir: str | os.PathLike, *, grad_accum: int = 1,
-                 micro_batch_size: int = 1, tracker=None):
+                 micro_batch_size: int = 1, tracker=None, fingerprint: str | None = None):
+        # fingerprint: what the checkpoints' trajectory depends on (run_fingerprint); a
+        # checkpoint written under another one is stale and never resumed.
         self.optim_cfg, self.cfg = optim, engine
+        self.fingerprint = fingerprint
         self.total_steps, self.grad_accum = int(total_steps), int(grad_accum)
         self.out_dir = Path(out_dir)
         if engine.num_threads:
@@ -340,6 +364,8 @@ class TrainEngine:
             torch.save(meta, tmp / "state.pt")
         barrier()
         if self.is_main:
+            if self.fingerprint is not None:
+                (tmp / _FINGERPRINT_FILE).write_text(self.fingerprint)
             (tmp / "COMPLETE").write_text(str(self.step))
             if final.exists():
                 shutil.rmtree(final)
@@ -358,6 +384,21 @@ class TrainEngine:
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is None:
             return {}
+        if self.fingerprint is not None:
+            found = ckpt / _FINGERPRINT_FILE
+            theirs = found.read_text() if found.is_file() else None
+            if theirs != self.fingerprint:
+                # A rerun after a config or input change (Snakemake reruns the rule, the
+                # checkpoints are not an output so they survive): resuming would continue a
+                # different run. Start fresh instead.
+                barrier()
+                if self.is_main:
+                    log.warning("%s: written by a run with another config or inputs "
+                                "(fingerprint %s, now %s); not resuming, removing the stale "
+                                "checkpoints and starting from step 0", ckpt, theirs, self.fingerprint)
+                    shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+                barrier()
+                return {}
         if self.cfg.backend == "deepspeed":
             meta = torch.load(ckpt / "meta.pt", map_location="cpu", weights_only=True)
             if meta.get("backend") != "deepspeed":

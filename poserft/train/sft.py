@@ -107,7 +107,7 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
     from poserft.model.heads import GaussianPoseHead
     from poserft.model.policy import build_policy
     from poserft.train.data import SFTTaskData
-    from poserft.train.engine import TrainEngine, seed_everything
+    from poserft.train.engine import TrainEngine, run_fingerprint, seed_everything
 
     if not isinstance(model_cfg, ModelConfig):
         model_cfg = ModelConfig.from_dict(model_cfg, where="model")
@@ -134,9 +134,17 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
         with torch.no_grad():  # overwritten by resume() when a checkpoint exists
             policy.pose_head.mean_out.bias.copy_(mean_pose)
 
+    # the LR schedule spans sft.steps, so (unlike RFT's constant LR) steps is part of it
+    bookkeeping = {"checkpoint_every", "keep_checkpoints", "log_every", "num_threads", "dist_timeout_s"}
+    sft_dict = sft_cfg.to_dict()
+    sft_dict["engine"] = {k: v for k, v in sft_dict["engine"].items() if k not in bookkeeping}
+    fingerprint = run_fingerprint(
+        {"model": model_cfg.to_dict(), "sft": sft_dict},
+        [*(Path(p) for p in split_paths.values() if p),
+         *([Path(tokenizer_path)] if tokenizer_path and not model_cfg.checkpoint else [])])
     engine = TrainEngine(policy, sft_cfg.optim, sft_cfg.engine, sft_cfg.steps, out_dir,
                          grad_accum=sft_cfg.grad_accum, micro_batch_size=sft_cfg.batch_size,
-                         tracker=tracker)
+                         tracker=tracker, fingerprint=fingerprint)
     if engine.is_main:
         n_params = sum(p.numel() for p in policy.parameters())
         tracker.log_params({"sft_num_parameters": n_params,
