@@ -100,6 +100,7 @@ def test_generate_then_score_agree(trained):
     torch.testing.assert_close(s.token_logprobs, r.token_logprobs, atol=2e-5, rtol=0)
     valid = r.pose_valid
     torch.testing.assert_close(s.pose_dist.mean[valid], r.pose_mean[valid], atol=2e-5, rtol=0)
+    torch.testing.assert_close(s.pose_dist.std[valid], r.pose_std[valid], atol=2e-5, rtol=0)
     torch.testing.assert_close(s.pose_dist.log_prob(r.pose_sample)[valid], r.pose_logprob[valid],
                                atol=1e-3, rtol=1e-5)
     # <POSE> rows decode with the placeholder kept
@@ -228,7 +229,7 @@ def test_deterministic_head_policy(tmp_path):
     prompts = [policy.image2pose_prompt()]
     r = policy.generate(prompts, _images(1), num_samples=2, max_new_tokens=4)
     torch.testing.assert_close(r.pose_sample, r.pose_mean)
-    assert (r.pose_logprob == 0).all()
+    assert (r.pose_logprob == 0).all() and r.pose_std is None
     s = policy.score(prompts, _images(1), r)
     assert isinstance(s.pose_dist, PointPose)
     with pytest.raises(UndefinedForDeterministicHead):

@@ -50,6 +50,7 @@ class Rollout:
     pose_sample: torch.Tensor       # (N,144) head sample (= mean when do_sample False / deterministic head)
     pose_logprob: torch.Tensor      # (N,) log density of pose_sample (0 for the deterministic head)
     pose_token_pos: torch.Tensor    # (N,) long: index of the first <POSE> in the completion, -1 if none
+    pose_std: torch.Tensor | None = None  # (N,144) head std per dimension (None for the deterministic head)
     num_samples: int = 1            # G
     temperature: float = 1.0
     do_sample: bool = True
@@ -341,14 +342,17 @@ class PoseMLLM(nn.Module):
         if isinstance(dist, PoseGaussian):
             pose_sample = dist.sample(generator) if do_sample else pose_mean.clone()
             pose_logprob = dist.log_prob(pose_sample)
+            pose_std = dist.std.detach()
         else:
             pose_sample, pose_logprob = pose_mean.clone(), torch.zeros(n, device=dev)
+            pose_std = None
         return Rollout(
             prompt_index=torch.arange(len(prompts), device=dev).repeat_interleave(g),
             completion_ids=completion_ids, completion_mask=completion_mask,
             texts=self.decode_completions(completion_ids, completion_mask),
             token_logprobs=token_logprobs, pose_valid=pose_valid, pose_mean=pose_mean,
             pose_sample=pose_sample, pose_logprob=pose_logprob.detach(), pose_token_pos=pose_pos,
+            pose_std=pose_std,
             num_samples=g, temperature=float(temperature), do_sample=bool(do_sample))
 
     def decode_completions(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:

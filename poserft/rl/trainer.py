@@ -266,9 +266,8 @@ def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, c
                 v, ok = REWARDS.get(reward).fn(reward_inputs(b, r, which), ctx)
                 sums[key].append(v[ok])
                 prompt_means[key].append(_group_means(v, ok, r.prompt_index.cpu(), len(b)))
-            if bool(r.pose_valid.any()):
-                policy_dist = _rollout_std(policy, b, r)
-                sums["std"].append(policy_dist[r.pose_valid].mean(-1).cpu())
+            if r.pose_std is not None and bool(r.pose_valid.any()):
+                sums["std"].append(r.pose_std[r.pose_valid].mean(-1).cpu())
             if reward == "joint" and bool(r.pose_valid.any()):
                 inp = reward_inputs(b, r, "mean")
                 ok = inp.pose_valid
@@ -304,13 +303,6 @@ def _group_means(values: torch.Tensor, ok: torch.Tensor, group: torch.Tensor, n:
     count = torch.zeros(n, dtype=torch.float64).index_add_(0, group.long(), ok.double())
     return torch.where(count > 0, total / count.clamp_min(1), torch.full((), float("nan"),
                                                                           dtype=torch.float64))
-
-
-def _rollout_std(policy, batch: PromptBatch, rollout) -> torch.Tensor:
-    """(N,144) per-dimension std of the pose head on a rollout (zeros for a point head)."""
-    dist = policy.score(batch.prompts, batch.images, rollout).pose_dist
-    std = getattr(dist, "std", None)
-    return torch.zeros_like(dist.mean) if std is None else std
 
 
 def paired_heldout_deltas(before: dict, after: dict) -> dict[str, dict[str, float]]:
@@ -394,8 +386,6 @@ def _check_out_dir(out_dir: Path) -> None:
 
 # rft keys that may change between a run and its resume without changing its trajectory
 _RESUMABLE_KEYS = {"reference_device"}
-_RESUMABLE_ENGINE_KEYS = {"checkpoint_every", "keep_checkpoints", "log_every", "num_threads",
-                          "dist_timeout_s"}
 
 
 def _resume_relevant(cfg: dict) -> dict:
@@ -405,14 +395,9 @@ def _resume_relevant(cfg: dict) -> dict:
     out = {k: v for k, v in cfg.items() if k not in _RESUMABLE_KEYS}
     if cfg["optim"].get("min_lr_ratio", 1.0) == 1.0:
         out.pop("steps", None)
-    out["engine"] = {k: v for k, v in cfg["engine"].items() if k not in _RESUMABLE_ENGINE_KEYS}
+    from poserft.train.engine import RESUME_NEUTRAL_ENGINE_KEYS
+    out["engine"] = {k: v for k, v in cfg["engine"].items() if k not in RESUME_NEUTRAL_ENGINE_KEYS}
     return out
-
-
-def _policy_weights(policy_dir) -> Path:
-    """The weights file ``load_policy(policy_dir)`` reads (it resolves ``final/``)."""
-    d = Path(policy_dir)
-    return d / "model.safetensors" if (d / "model.safetensors").is_file() else d / "final" / "model.safetensors"
 
 
 def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_dir,
@@ -434,7 +419,7 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
         checkpoint_dir: engine checkpoints (default ``<out_dir>_checkpoints``).
     Returns the summary dict written to ``out_dir/rft_summary.json``.
     """
-    from poserft.model.io import load_policy
+    from poserft.model.io import load_policy, resolve_policy_dir
     from poserft.train.data import SFTTaskData
     from poserft.train.engine import TrainEngine, run_fingerprint, seed_everything
 
@@ -483,7 +468,8 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
 
     fingerprint = run_fingerprint(
         _resume_relevant(cfg.to_dict()),
-        [_policy_weights(sft_dir), *(Path(p) for p in split_paths.values() if p),
+        [resolve_policy_dir(sft_dir) / "model.safetensors",
+         *(Path(p) for p in split_paths.values() if p),
          *([Path(reward_model_dir) / "model.safetensors"] if reward_model_dir else [])])
     engine = TrainEngine(policy, cfg.optim, cfg.engine, cfg.steps * cfg.mu, checkpoint_dir,
                          grad_accum=cfg.batch_size * cfg.group_size // cfg.micro_batch_size,

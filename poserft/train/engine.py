@@ -40,12 +40,16 @@ from poserft.train.distributed import DistInfo, barrier, init_distributed
 
 __all__ = ["lr_factor", "make_optimizer", "make_scheduler", "deepspeed_config", "TrainEngine",
            "capture_rng_state", "restore_rng_state", "latest_checkpoint", "seed_everything",
-           "run_fingerprint"]
+           "run_fingerprint", "RESUME_NEUTRAL_ENGINE_KEYS"]
 
 log = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^step_(\d{8})$")
 _FINGERPRINT_FILE = "FINGERPRINT"
+# engine keys a run may change between its checkpoints and the resume without changing the
+# trajectory; the callers of run_fingerprint leave them out
+RESUME_NEUTRAL_ENGINE_KEYS = frozenset({"checkpoint_every", "keep_checkpoints", "log_every",
+                                        "num_threads", "dist_timeout_s"})
 
 
 def run_fingerprint(config: dict, files: Sequence[str | os.PathLike] = ()) -> str:

@@ -107,7 +107,8 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
     from poserft.model.heads import GaussianPoseHead
     from poserft.model.policy import build_policy
     from poserft.train.data import SFTTaskData
-    from poserft.train.engine import TrainEngine, run_fingerprint, seed_everything
+    from poserft.train.engine import (RESUME_NEUTRAL_ENGINE_KEYS, TrainEngine, run_fingerprint,
+                                      seed_everything)
 
     if not isinstance(model_cfg, ModelConfig):
         model_cfg = ModelConfig.from_dict(model_cfg, where="model")
@@ -135,9 +136,9 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
             policy.pose_head.mean_out.bias.copy_(mean_pose)
 
     # the LR schedule spans sft.steps, so (unlike RFT's constant LR) steps is part of it
-    bookkeeping = {"checkpoint_every", "keep_checkpoints", "log_every", "num_threads", "dist_timeout_s"}
     sft_dict = sft_cfg.to_dict()
-    sft_dict["engine"] = {k: v for k, v in sft_dict["engine"].items() if k not in bookkeeping}
+    sft_dict["engine"] = {k: v for k, v in sft_dict["engine"].items()
+                          if k not in RESUME_NEUTRAL_ENGINE_KEYS}
     fingerprint = run_fingerprint(
         {"model": model_cfg.to_dict(), "sft": sft_dict},
         [*(Path(p) for p in split_paths.values() if p),
