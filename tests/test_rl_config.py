@@ -22,6 +22,8 @@ def test_defaults_are_valid_and_match_the_core_registries():
     assert set(fields["token_kl_estimator"].metadata["choices"]) == set(core.TOKEN_KL_ESTIMATORS)
     assert set(fields["pose_kl_estimator"].metadata["choices"]) == set(core.POSE_KL_ESTIMATORS)
     assert set(fields["advantage_estimator"].metadata["choices"]) == set(core.ADVANTAGE_ESTIMATORS)
+    assert set(fields["pose_loss_agg_mode"].metadata["choices"]) == set(core.POSE_LOSS_AGG_MODES)
+    assert cfg.pose_loss_agg_mode in core.POSE_LOSS_AGG_MODES
 
 
 def test_micro_batch_must_divide_rollout_batch_and_message_names_keys():
@@ -42,7 +44,44 @@ def test_micro_batch_must_divide_rollout_batch_and_message_names_keys():
     ({"format_regex": "(unclosed"}, "rft.format_regex"),
     ({"group_size": 1}, "rft.group_size"),
     ({"mode": "ppo"}, "rft.mode"),
+    ({"dual_clip_c": 1.0}, "rft.dual_clip_c"),
+    ({"dual_clip_c": 0.5}, "rft.dual_clip_c"),
+    ({"dual_clip_c": 0}, "rft.dual_clip_c"),
+    ({"pose_loss_agg_mode": "group-mean"}, "rft.pose_loss_agg_mode"),
 ])
 def test_bad_values_are_rejected_with_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         RFTConfig.from_dict(override, where="rft")
+
+
+def test_dual_clip_is_on_by_default_and_null_disables_it():
+    assert RFTConfig.from_dict({}, where="rft").dual_clip_c == 3.0
+    assert RFTConfig.from_dict({"dual_clip_c": None}, where="rft").dual_clip_c is None
+    assert RFTConfig.from_dict({"dual_clip_c": 1.01}, where="rft").dual_clip_c == 1.01
+
+
+def test_hygrpo_params_defaults_are_the_config_defaults():
+    import dataclasses
+    cfg = RFTConfig()
+    assert core.HyGRPOParams().beta_pose == cfg.beta_pose == 0.01
+    shared = [f.name for f in dataclasses.fields(core.HyGRPOParams)
+              if f.name in {g.name for g in dataclasses.fields(RFTConfig)}]
+    assert {"beta_pose", "beta_token", "dual_clip_c", "pose_loss_agg_mode", "loss_agg_mode",
+            "clip_eps_pose", "mode"} <= set(shared)
+    for name in shared:
+        assert getattr(core.HyGRPOParams(), name) == getattr(cfg, name), name
+
+
+def test_trainer_passes_every_shared_field_through():
+    import dataclasses
+    from poserft.rl.trainer import hygrpo_params
+    cfg = RFTConfig.from_dict({"mode": "grpo", "clip_eps_token": 0.1, "clip_eps_token_high": 0.3,
+                               "clip_eps_pose": 0.15, "dual_clip_c": 2.5, "beta_token": 0.02,
+                               "beta_pose": 0.07, "token_kl_estimator": "k2",
+                               "loss_agg_mode": "token-mean",
+                               "pose_loss_agg_mode": "group-mean-candidate-mean"}, where="rft")
+    params = hygrpo_params(cfg)
+    for f in dataclasses.fields(core.HyGRPOParams):
+        if hasattr(cfg, f.name):
+            assert getattr(params, f.name) == getattr(cfg, f.name), f.name
+            assert getattr(params, f.name) != f.default, f.name  # the override is exercised

@@ -53,6 +53,10 @@ class RFTConfig(Section):
         None, "Upper clip range of the token ratio (DAPO clip-higher); null = clip_eps_token.")
     clip_eps_pose: float = option(0.2, "PPO clip range of the Gaussian pose ratio r_c.",
                                   exclusive_minimum=0.0, maximum=1.0)
+    dual_clip_c: float | None = option(
+        3.0, "Dual clip (Ye et al. 2020; verl's clip_ratio_c) on both branches: for a negative "
+        "advantage A the clipped PPO loss is also capped at -A * c, so a ratio far above 1 "
+        "cannot give an unbounded loss. Must be > 1; null disables it.")
     beta_token: float = option(0.04, "Coefficient of the token KL to the frozen reference "
                                "(SFT) policy; 0 disables the reference forward.", minimum=0.0)
     beta_pose: float = option(0.01, "Coefficient of the pose KL (summed over the 144 dims) to "
@@ -69,6 +73,12 @@ class RFTConfig(Section):
         "then mean over the G candidates (GRPO), all-token mean, per-sequence sum, or sum / "
         "(N * T) (Dr. GRPO).", choices=("seq-mean-token-mean", "token-mean",
                                          "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    pose_loss_agg_mode: Literal["candidate-mean", "group-mean-candidate-mean"] = option(
+        "candidate-mean", "Aggregation of the continuous term over candidates: mean over the V "
+        "valid candidates (those with a <POSE>) of the whole batch, or mean over the V_g valid "
+        "candidates of each prompt group then over the prompt groups (eq. (6) of Pose-RFT read "
+        "per prompt; a group with no valid candidate contributes 0).",
+        choices=("candidate-mean", "group-mean-candidate-mean"))
     advantage_estimator: Literal["grpo", "rloo"] = option(
         "grpo", "Group baseline: grpo (group mean) or rloo (leave-one-out mean).",
         choices=("grpo", "rloo"))
@@ -133,6 +143,9 @@ class RFTConfig(Section):
                 f"{self.group_size} = {n}; change one of them")
         if self.clip_eps_token_high is not None and self.clip_eps_token_high <= 0:
             raise ConfigError(f"{where}.clip_eps_token_high must be > 0 or null")
+        if self.dual_clip_c is not None and not self.dual_clip_c > 1.0:
+            raise ConfigError(f"{where}.dual_clip_c must be > 1 (got {self.dual_clip_c}); "
+                              "use null to disable the dual clip")
         for key in ("reward_weights", "reward_tasks"):
             unknown = sorted(set(getattr(self, key)) - set(REWARD_KINDS))
             if unknown:

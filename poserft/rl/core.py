@@ -13,21 +13,27 @@ Notation (per RL step): ``B`` prompts, ``G`` candidates per prompt, ``N = B*G`` 
   contains the ``<POSE>`` token (only those have a pose; V = number of valid candidates).
 
 The two branches get separately group-normalised advantages (F for tokens, Delta for the
-pose) and separate PPO-clipped surrogates; :func:`hygrpo_loss` sums them so the shared
-backbone receives the summed gradient. With ``mode="grpo"`` it is exactly GRPO.
+pose) and separate PPO-clipped surrogates (optionally dual-clipped); :func:`hygrpo_loss`
+sums them so the shared backbone receives the summed gradient. With ``mode="grpo"`` and no
+dual clip it is exactly GRPO. The defaults of :class:`HyGRPOParams` are read from the ``rft``
+config section (:class:`poserft.rl.config.RFTConfig`), the single source of truth.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from poserft.rl.config import RFTConfig
+
 __all__ = [
-    "Registry", "ADVANTAGE_ESTIMATORS", "LOSS_AGG_MODES", "POLICY_LOSSES", "TOKEN_KL_ESTIMATORS",
-    "POSE_KL_ESTIMATORS", "HYGRPO_MODES", "group_stats", "grpo_advantage", "rloo_advantage",
-    "aggregate_loss", "agg_units", "micro_batch_weights", "ppo_clip_loss", "gaussian_ppo_clip_loss", "kl_k1", "kl_k2", "kl_k3",
+    "Registry", "ADVANTAGE_ESTIMATORS", "LOSS_AGG_MODES", "POSE_LOSS_AGG_MODES", "POLICY_LOSSES",
+    "TOKEN_KL_ESTIMATORS", "POSE_KL_ESTIMATORS", "HYGRPO_MODES", "group_stats", "grpo_advantage",
+    "rloo_advantage", "aggregate_loss", "agg_units", "micro_batch_weights", "pose_agg_weights",
+    "split_agg_weights", "ppo_clip_loss", "gaussian_ppo_clip_loss", "kl_k1", "kl_k2", "kl_k3",
     "diag_gaussian_kl", "pose_kl", "HyGRPOParams", "hygrpo_loss",
 ]
 
@@ -36,6 +42,10 @@ __all__ = [
 # clip would have removed anyway (except for the unclipped negative-advantage side, where
 # verl makes the same trade-off).
 _LOG_RATIO_LIMIT = 20.0
+# The k3 KL estimator clamps its log-ratio tighter (exp(10) ~ 2.2e4): one token whose
+# reference probability is vastly above the policy's cannot dominate the KL term. The
+# estimate is then at most exp(10) - 11 and its gradient is 0 beyond the clamp.
+_KL_LOG_RATIO_LIMIT = 10.0
 
 
 class Registry(dict):
@@ -61,6 +71,7 @@ class Registry(dict):
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 LOSS_AGG_MODES = Registry("loss aggregation mode")
+POSE_LOSS_AGG_MODES = Registry("pose loss aggregation mode")
 POLICY_LOSSES = Registry("policy loss")
 TOKEN_KL_ESTIMATORS = Registry("token KL estimator")
 POSE_KL_ESTIMATORS = Registry("pose KL estimator")
@@ -259,29 +270,111 @@ def micro_batch_weights(token_mask_micro: torch.Tensor, token_mask_full: torch.T
     return w_tok, w_pose
 
 
+# The continuous term is a weighted sum ``sum_i w_i l_i`` over candidates; each
+# POSE_LOSS_AGG_MODES entry maps ``(valid (N,) bool, group_index (N,) | None, dtype)`` to the
+# weights ``w (N,)``: 0 outside ``valid``, summing to 1 (or 0 when nothing contributes).
+
+@POSE_LOSS_AGG_MODES.register("candidate-mean")
+def _pose_agg_candidate_mean(valid: torch.Tensor, group_index: torch.Tensor | None,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """``1/V`` for each of the V valid candidates of the whole batch (prompts with more
+    valid candidates weigh more; the analogue of token-mean)."""
+    w = valid.to(dtype)
+    return w / w.sum().clamp_min(1)
+
+
+@POSE_LOSS_AGG_MODES.register("group-mean-candidate-mean")
+def _pose_agg_group_mean(valid: torch.Tensor, group_index: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """``1/(B V_g)``: mean over the V_g valid candidates of each prompt group, then mean over
+    the B groups present (eq. (6) of Pose-RFT read per prompt). A group with V_g = 0
+    contributes 0 and still counts in B."""
+    if group_index is None:
+        raise ValueError("pose loss aggregation 'group-mean-candidate-mean' needs the "
+                         "candidates' group_index (the prompt of each candidate)")
+    if group_index.shape != valid.shape:
+        raise ValueError(f"group_index {tuple(group_index.shape)} and valid "
+                         f"{tuple(valid.shape)} must both be (N,)")
+    if valid.numel() == 0:
+        return valid.to(dtype)
+    _, inv = torch.unique(group_index, return_inverse=True)
+    n_groups = int(inv.max().item()) + 1
+    w = valid.to(dtype)
+    v_g = torch.zeros(n_groups, dtype=dtype, device=w.device).index_add_(0, inv, w)
+    return w / (v_g[inv].clamp_min(1) * n_groups)
+
+
+def pose_agg_weights(valid: torch.Tensor, group_index: torch.Tensor | None = None,
+                     mode: str = "candidate-mean", dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
+    """Per-candidate weights ``(N,)`` of the continuous term under a
+    :data:`POSE_LOSS_AGG_MODES` key, from ``valid (N,)`` and ``group_index (N,)``. Compute
+    them on the full rollout batch and slice them per micro-batch (:func:`split_agg_weights`)
+    so that group-mean stays exact when a group straddles micro-batches."""
+    return POSE_LOSS_AGG_MODES.get(mode)(valid.bool(), group_index, dtype)
+
+
+def split_agg_weights(weights_micro: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A micro-batch's slice ``(m,)`` of full-batch aggregation weights -> ``(w, share)``
+    with ``w`` summing to 1 (all 0 if the slice is) and ``share`` its sum, so that
+    ``share * sum_i w_i l_i == sum_i weights_micro_i l_i`` (the ``pose_weight`` of
+    :func:`hygrpo_loss`)."""
+    share = float(weights_micro.sum())
+    if share <= 0.0:
+        return torch.zeros_like(weights_micro), 0.0
+    return weights_micro / share, share
+
+
 # --------------------------------------------------------------------------- policy losses
 
+def _check_dual_clip(dual_clip_c: float | None) -> None:
+    if dual_clip_c is not None and not dual_clip_c > 1.0:
+        raise ValueError(f"dual_clip_c must be > 1 (or None to disable), got {dual_clip_c}")
+
+
 def _clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                       clip_low: float, clip_high: float):
-    """Per-element PPO loss ``max(-A r, -A clip(r))`` plus ratio and clipped-indicator."""
+                       clip_low: float, clip_high: float, dual_clip_c: float | None = None):
+    """Per-element PPO loss ``max(-A r, -A clip(r))``; with ``dual_clip_c = c`` the loss of
+    elements with ``A < 0`` is further capped at ``-A c`` (dual clip, Ye et al. 2020; verl's
+    ``clip_ratio_c``). Returns ``(loss, ratio, log_ratio, clipped, dual_clipped)``; the last
+    two are bool indicators (``dual_clipped``: A < 0 and the cap is active)."""
     log_ratio = (logp - old_logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    return torch.maximum(unclipped, clipped), ratio, log_ratio, clipped > unclipped
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip_c is None:
+        return loss, ratio, log_ratio, clipped > unclipped, torch.zeros_like(loss, dtype=torch.bool)
+    cap = -adv * dual_clip_c
+    dual = (adv < 0) & (loss > cap)
+    return torch.where(dual, cap, loss), ratio, log_ratio, clipped > unclipped, dual
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.detach()[mask.bool()]
 
 
+def _surrogate_metrics(pg_loss: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor,
+                       clipped: torch.Tensor, dual: torch.Tensor, mask: torch.Tensor
+                       ) -> dict[str, float]:
+    """pg_loss, clipfrac, dual_clipfrac, approx_kl and ratio stats over ``mask``."""
+    r = _masked(ratio, mask)
+    has = r.numel() > 0
+    metrics = {"pg_loss": pg_loss.item(),
+               "clipfrac": _masked(clipped.float(), mask).mean().item() if has else 0.0,
+               "dual_clipfrac": _masked(dual.float(), mask).mean().item() if has else 0.0,
+               "approx_kl": (-_masked(log_ratio, mask)).mean().item() if has else 0.0}
+    metrics.update(_stat_metrics("ratio", r))
+    return metrics
+
+
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, *, clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                  loss_agg_mode: str = "seq-mean-token-mean",
+                  dual_clip_c: float | None = None, loss_agg_mode: str = "seq-mean-token-mean",
                   extra_token_loss: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clipped token surrogate (the discrete branch).
+    """PPO-clipped token surrogate (the discrete branch), optionally dual-clipped.
 
     Args:
         logp, old_logp: ``(N,T)`` log-probs of the sampled tokens under the current and the
@@ -290,61 +383,77 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
         mask: ``(N,T)`` 1 for completion tokens.
         clip_eps, clip_eps_high: ratio clipped to ``[1-clip_eps, 1+clip_eps_high]``
             (high defaults to clip_eps; a larger high is DAPO's clip-higher).
+        dual_clip_c: None, or c > 1: per-token loss ``min(max(-A r, -A clip(r)), -A c)`` where
+            ``A < 0`` (unchanged where ``A >= 0``).
         loss_agg_mode: key of :data:`LOSS_AGG_MODES`.
         extra_token_loss: optional ``(N,T)`` term added per token before aggregation
             (the KL penalty), so both are aggregated the same way.
     Returns:
-        scalar loss, metrics ``pg_loss``, ``clipfrac``, ``approx_kl`` (E[log old - log new]),
-        ``ratio/{mean,min,max}``.
+        scalar loss, metrics ``pg_loss``, ``clipfrac``, ``dual_clipfrac`` (fraction of masked
+        tokens where the dual clip is active; verl's ``pg_clipfrac_lower``), ``approx_kl``
+        (E[log old - log new]), ``ratio/{mean,std,min,max}``.
     """
     if logp.shape != old_logp.shape or logp.shape != mask.shape or logp.dim() != 2:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must all be (N,T)")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be (N,)={tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
+    _check_dual_clip(dual_clip_c)
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    per_tok, ratio, log_ratio, clipped = _clipped_surrogate(
-        logp, old_logp.detach(), advantages.detach()[:, None].to(logp.dtype), clip_eps, high)
+    per_tok, ratio, log_ratio, clipped, dual = _clipped_surrogate(
+        logp, old_logp.detach(), advantages.detach()[:, None].to(logp.dtype), clip_eps, high,
+        dual_clip_c)
     pg_loss = aggregate_loss(per_tok, mask, loss_agg_mode)
     loss = pg_loss if extra_token_loss is None else aggregate_loss(per_tok + extra_token_loss, mask, loss_agg_mode)
-    r = _masked(ratio, mask)
-    metrics = {"pg_loss": pg_loss.item(),
-               "clipfrac": _masked(clipped.float(), mask).mean().item() if r.numel() else 0.0,
-               "approx_kl": (-_masked(log_ratio, mask)).mean().item() if r.numel() else 0.0}
-    metrics.update(_stat_metrics("ratio", r))
-    return loss, metrics
+    return loss, _surrogate_metrics(pg_loss, ratio, log_ratio, clipped, dual, mask)
 
 
 @POLICY_LOSSES.register("gaussian_ppo_clip")
 def gaussian_ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                            mask: torch.Tensor, *, clip_eps: float = 0.2,
-                           clip_eps_high: float | None = None, loss_agg_mode: str = "token-mean",
+                           clip_eps_high: float | None = None, dual_clip_c: float | None = None,
+                           agg_weights: torch.Tensor | None = None,
                            extra_token_loss: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped surrogate of the continuous pose action (the continuous branch).
 
     ``r_c = exp(log N(p | mu_new, s_new) - log N(p | mu_old, s_old))`` with the joint
     log-density over all D dims, and
-    ``L_c = -1/V sum_{i valid} min(r_c Delta_i, clip(r_c, 1-eps, 1+eps) Delta_i)``.
+    ``L_c = sum_{i valid} w_i * -min(r_c Delta_i, clip(r_c, 1-eps, 1+eps) Delta_i)``, with
+    the dual-clip cap ``-Delta_i c`` where ``Delta_i < 0`` when ``dual_clip_c`` is set.
 
     Args:
         logp, old_logp: ``(N,)`` pose log-densities (current, rollout).
         advantages: ``(N,)`` Delta (0 where invalid).
         mask: ``(N,)`` bool, the valid candidates (V = mask.sum()).
-        loss_agg_mode: must be "token-mean" (the mean over the V valid candidates).
-        extra_token_loss: optional ``(N,)`` per-candidate term (the pose KL penalty).
-    It is :func:`ppo_clip_loss` with one "token" per candidate.
+        agg_weights: ``(N,)`` constant weights w (see :func:`pose_agg_weights`); None =
+            candidate-mean, ``1/V`` per valid candidate. Ignored outside ``mask``.
+        extra_token_loss: optional ``(N,)`` per-candidate term (the pose KL penalty),
+            weighted like the surrogate.
+    Returns:
+        scalar loss (0 but differentiable when V = 0) and the metrics of
+        :func:`ppo_clip_loss` (unweighted, over the valid candidates).
     """
-    if loss_agg_mode != "token-mean":
-        raise ValueError("the continuous branch averages over the V valid candidates; "
-                         f"loss_agg_mode must be 'token-mean', got {loss_agg_mode!r}")
     if logp.dim() != 1 or old_logp.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must all be (N,)")
-    extra = None if extra_token_loss is None else extra_token_loss[:, None]
-    return ppo_clip_loss(logp[:, None], old_logp[:, None], advantages, mask[:, None],
-                         clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-                         loss_agg_mode="token-mean", extra_token_loss=extra)
+    if advantages.shape != logp.shape:
+        raise ValueError(f"advantages must be (N,)={tuple(logp.shape)}, got {tuple(advantages.shape)}")
+    _check_dual_clip(dual_clip_c)
+    m = mask.bool()
+    if agg_weights is None:
+        agg_weights = _pose_agg_candidate_mean(m, None, logp.dtype)
+    elif agg_weights.shape != logp.shape:
+        raise ValueError(f"agg_weights must be (N,)={tuple(logp.shape)}, got {tuple(agg_weights.shape)}")
+    w = agg_weights.detach().to(logp.dtype)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    per, ratio, log_ratio, clipped, dual = _clipped_surrogate(
+        logp, old_logp.detach(), advantages.detach().to(logp.dtype), clip_eps, high, dual_clip_c)
+    zero = torch.zeros((), dtype=per.dtype)
+    pg_loss = torch.where(m, per * w, zero).sum()
+    loss = pg_loss if extra_token_loss is None else \
+        torch.where(m, (per + extra_token_loss) * w, zero).sum()
+    return loss, _surrogate_metrics(pg_loss, ratio, log_ratio, clipped, dual, m)
 
 
 # --------------------------------------------------------------------------- KL estimators
@@ -367,8 +476,10 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 @TOKEN_KL_ESTIMATORS.register("k3")
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """``exp(ref - logp) - (ref - logp) - 1`` elementwise; >= 0 by convexity of exp."""
-    log_r = (ref_logp - logp).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    """``exp(l) - l - 1`` with ``l = clamp(ref - logp, -10, 10)`` elementwise; >= 0 by
+    convexity of exp, at most ``exp(10) - 11`` (finite for any input; zero gradient where
+    the clamp is active, as in verl)."""
+    log_r = (ref_logp - logp).clamp(-_KL_LOG_RATIO_LIMIT, _KL_LOG_RATIO_LIMIT)
     return torch.exp(log_r) - log_r - 1.0
 
 
@@ -407,17 +518,28 @@ def pose_kl(estimator: str, dist, ref_dist, sample: torch.Tensor) -> torch.Tenso
 
 # --------------------------------------------------------------------------- HyGRPO
 
+_RFT_FIELDS = {f.name: f for f in dataclasses.fields(RFTConfig)}
+
+
+def _rft_default(name: str):
+    """Default of ``rft.<name>``: the config section is the single source of truth."""
+    return _RFT_FIELDS[name].default
+
+
 @dataclass(frozen=True)
 class HyGRPOParams:
-    """Hyperparameters of :func:`hygrpo_loss` (mirrors the ``rft`` config section)."""
-    mode: str = "hygrpo"                 # "hygrpo" | "grpo" | "continuous"
-    clip_eps_token: float = 0.2
-    clip_eps_token_high: float | None = None
-    clip_eps_pose: float = 0.2
-    beta_token: float = 0.04
-    beta_pose: float = 0.04
-    token_kl_estimator: str = "k3"
-    loss_agg_mode: str = "seq-mean-token-mean"
+    """Hyperparameters of :func:`hygrpo_loss`; every field named like an ``rft`` config key
+    mirrors it and takes its default from :class:`~poserft.rl.config.RFTConfig`."""
+    mode: str = _rft_default("mode")                                # hygrpo | grpo | continuous
+    clip_eps_token: float = _rft_default("clip_eps_token")
+    clip_eps_token_high: float | None = _rft_default("clip_eps_token_high")
+    clip_eps_pose: float = _rft_default("clip_eps_pose")
+    dual_clip_c: float | None = _rft_default("dual_clip_c")         # None: no dual clip
+    beta_token: float = _rft_default("beta_token")
+    beta_pose: float = _rft_default("beta_pose")
+    token_kl_estimator: str = _rft_default("token_kl_estimator")
+    loss_agg_mode: str = _rft_default("loss_agg_mode")
+    pose_loss_agg_mode: str = _rft_default("pose_loss_agg_mode")
     token_policy_loss: str = "ppo_clip"
     pose_policy_loss: str = "gaussian_ppo_clip"
 
@@ -433,6 +555,8 @@ def hygrpo_loss(*, params: HyGRPOParams,
                 pose_kl_to_ref: torch.Tensor | None = None,
                 pose_valid: torch.Tensor | None = None,
                 pose_advantages: torch.Tensor | None = None,
+                pose_group_index: torch.Tensor | None = None,
+                pose_agg_weights: torch.Tensor | None = None,
                 token_weight: float = 1.0, pose_weight: float = 1.0,
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """HyGRPO objective (to minimise) = discrete term + continuous term.
@@ -440,10 +564,16 @@ def hygrpo_loss(*, params: HyGRPOParams,
     Discrete (modes hygrpo, grpo): ``agg_t[ -min(r A, clip(r) A) + beta_token KL_t ]`` over
     tokens ``(N,T)`` with advantages F ``(N,)``; ``ref_token_logprobs`` may be None when
     ``beta_token == 0``.
-    Continuous (modes hygrpo, continuous): ``1/V sum_valid [ -min(r_c D, clip(r_c) D) +
+    Continuous (modes hygrpo, continuous): ``sum_valid w_i [ -min(r_c D, clip(r_c) D) +
     beta_pose KL_pose ]`` with pose log-densities ``(N,)``, advantages Delta ``(N,)``,
     ``pose_valid (N,)`` and ``pose_kl_to_ref (N,)`` from :func:`pose_kl` (may be None when
-    ``beta_pose == 0``). V == 0 gives a zero continuous term (still differentiable).
+    ``beta_pose == 0``). The weights ``w`` are ``pose_agg_weights (N,)`` when given (a
+    micro-batch's share of full-batch weights, see :func:`split_agg_weights`), else
+    :func:`pose_agg_weights` of ``params.pose_loss_agg_mode`` on these rows: candidate-mean
+    ``1/V``, or group-mean-candidate-mean ``1/(B V_g)`` (needs ``pose_group_index (N,)``).
+    V == 0 gives a zero continuous term (still differentiable).
+    Both terms are dual-clipped at ``-A c`` for negative advantages when
+    ``params.dual_clip_c = c`` is not None.
 
     ``token_weight``/``pose_weight`` scale the two terms (micro-batch accumulation, see
     :func:`micro_batch_weights`); metrics report the unscaled terms.
@@ -468,7 +598,7 @@ def hygrpo_loss(*, params: HyGRPOParams,
         loss_d, m = POLICY_LOSSES.get(params.token_policy_loss)(
             token_logprobs, old_token_logprobs, token_advantages, completion_mask,
             clip_eps=params.clip_eps_token, clip_eps_high=params.clip_eps_token_high,
-            loss_agg_mode=params.loss_agg_mode,
+            dual_clip_c=params.dual_clip_c, loss_agg_mode=params.loss_agg_mode,
             extra_token_loss=None if kl_tok is None else params.beta_token * kl_tok)
         metrics.update({f"token/{k}": v for k, v in m.items()})
         if kl_tok is not None:
@@ -492,9 +622,13 @@ def hygrpo_loss(*, params: HyGRPOParams,
         kl_pose = None
         if params.beta_pose != 0.0:
             kl_pose = torch.where(valid, pose_kl_to_ref, zero)
+        if pose_agg_weights is None:
+            pose_agg_weights = POSE_LOSS_AGG_MODES.get(params.pose_loss_agg_mode)(
+                valid, pose_group_index, pose_logprob.dtype)
         loss_c, m = POLICY_LOSSES.get(params.pose_policy_loss)(
             lp, old_lp, torch.where(valid, pose_advantages, zero), valid,
-            clip_eps=params.clip_eps_pose, loss_agg_mode="token-mean",
+            clip_eps=params.clip_eps_pose, dual_clip_c=params.dual_clip_c,
+            agg_weights=pose_agg_weights,
             extra_token_loss=None if kl_pose is None else params.beta_pose * kl_pose)
         metrics.update({f"pose/{k}": v for k, v in m.items()})
         if kl_pose is not None:
@@ -505,3 +639,4 @@ def hygrpo_loss(*, params: HyGRPOParams,
         total = loss_c if total is None else total + loss_c
     metrics["loss/total"] = metrics.get("loss/discrete", 0.0) + metrics.get("loss/continuous", 0.0)
     return total, metrics
+

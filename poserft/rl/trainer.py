@@ -50,8 +50,9 @@ HELDOUT_REWARDS = {"image2pose": "joint", "text2pose": "semantic"}
 def hygrpo_params(cfg: RFTConfig) -> core.HyGRPOParams:
     return core.HyGRPOParams(
         mode=cfg.mode, clip_eps_token=cfg.clip_eps_token, clip_eps_token_high=cfg.clip_eps_token_high,
-        clip_eps_pose=cfg.clip_eps_pose, beta_token=cfg.beta_token, beta_pose=cfg.beta_pose,
-        token_kl_estimator=cfg.token_kl_estimator, loss_agg_mode=cfg.loss_agg_mode)
+        clip_eps_pose=cfg.clip_eps_pose, dual_clip_c=cfg.dual_clip_c, beta_token=cfg.beta_token,
+        beta_pose=cfg.beta_pose, token_kl_estimator=cfg.token_kl_estimator,
+        loss_agg_mode=cfg.loss_agg_mode, pose_loss_agg_mode=cfg.pose_loss_agg_mode)
 
 
 def _uses_tokens(cfg: RFTConfig) -> bool:
@@ -78,6 +79,7 @@ class MicroBatch:
     pose_valid: torch.Tensor              # (m,) bool: in the continuous branch's V set
     token_weight: float                   # share of the full-batch discrete term
     pose_weight: float                    # share of the full-batch continuous term
+    pose_agg_weights: torch.Tensor | None = None     # (m,) continuous-term weights, sum 1 or 0
     ref_token_logprobs: torch.Tensor | None = None   # (m,Tc)
     ref_pose_dist: object | None = None              # reference PoseGaussian over m rows
     old_token_logprobs: torch.Tensor | None = None   # (m,Tc), set by the first update pass
@@ -102,14 +104,16 @@ def prepare_micro_batches(batch: PromptBatch, rollout, rewards: RewardResult, cf
     mask_full = rollout.completion_mask.cpu()
     need_ref_tok = _uses_tokens(cfg) and cfg.beta_token > 0
     need_ref_pose = _uses_pose(cfg) and cfg.beta_pose > 0
+    # full-batch weights of the continuous term, so each micro-batch carries its exact share
+    pose_w = core.pose_agg_weights(valid, groups, cfg.pose_loss_agg_mode)
     out = []
     for rows in torch.arange(len(rollout)).split(cfg.micro_batch_size):
-        wt, wp = core.micro_batch_weights(mask_full[rows], mask_full, valid[rows], valid,
-                                          cfg.loss_agg_mode)
+        wt, _ = core.micro_batch_weights(mask_full[rows], mask_full, None, None, cfg.loss_agg_mode)
+        pw, wp = core.split_agg_weights(pose_w[rows])
         sub = rollout.select(rows)
         mb = MicroBatch(rollout=sub, token_advantages=f_adv[rows].to(dev),
                         pose_advantages=d_adv[rows].to(dev), pose_valid=valid[rows].to(dev),
-                        token_weight=wt, pose_weight=wp)
+                        token_weight=wt, pose_weight=wp, pose_agg_weights=pw.to(dev))
         if reference is not None and (need_ref_tok or need_ref_pose):
             ref_dev = next(reference.parameters()).device
             with torch.no_grad():
@@ -162,7 +166,8 @@ def make_loss_fn(batch: PromptBatch, cfg: RFTConfig, n_micro: int):
                 pose_kl = core.pose_kl(cfg.pose_kl_estimator, dist, mb.ref_pose_dist, r.pose_sample)
             kwargs.update(pose_logprob=pose_lp, old_pose_logprob=mb.old_pose_logprob,
                           pose_kl_to_ref=pose_kl, pose_valid=mb.pose_valid,
-                          pose_advantages=mb.pose_advantages)
+                          pose_advantages=mb.pose_advantages, pose_agg_weights=mb.pose_agg_weights,
+                          pose_group_index=r.prompt_index)
             v = mb.pose_valid
             if bool(v.any()):
                 metrics["pose/std"] = dist.std[v].mean().item()
