@@ -21,9 +21,11 @@ GALLERY_SOURCES = [
 
 
 rule tables:
-    """Tables 1-3 (Markdown + CSV): mean ± std over seeds, published numbers alongside."""
+    """Tables 1-3 (Markdown + CSV): mean ± std over seeds, floor/ceiling rows (reference)
+    and published numbers alongside."""
     input:
         metrics=metrics_files(),
+        reference=f"{RESULTS}/reference/metrics.json",
     output:
         main_md=report(f"{TABLES}/main.md", caption="../report/tables.rst", category="Tables"),
         main_csv=f"{TABLES}/main.csv",

@@ -312,3 +312,337 @@ def test_real_image_benchmark_split(world, tmp_path):
                            text_embedder=HashEmbedder())
     assert set(m["image2pose"]) == {"synthetic", "pw3d"} and set(m["text2pose"]) == {"synthetic"}
     assert m["image2pose"]["pw3d"]["num_samples"] == 6
+
+
+# ----------------------------------------------------------- text->pose errors, bounds --
+def _np_rodrigues(aa: np.ndarray) -> np.ndarray:
+    """(...,3) axis-angle -> (...,3,3) rotation matrices (numpy)."""
+    aa = np.asarray(aa, dtype=np.float64)
+    theta = np.linalg.norm(aa, axis=-1, keepdims=True)
+    k = aa / np.where(theta < 1e-12, 1.0, theta)
+    K = np.zeros(aa.shape[:-1] + (3, 3))
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K = K - np.swapaxes(K, -1, -2)
+    t = theta[..., None]
+    return np.eye(3) + np.sin(t) * K + (1 - np.cos(t)) * (K @ K)
+
+
+def _np_ry(angle: np.ndarray) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    R = np.zeros(np.shape(angle) + (3, 3))
+    R[..., 0, 0], R[..., 0, 2], R[..., 1, 1], R[..., 2, 0], R[..., 2, 2] = c, s, 1.0, -s, c
+    return R
+
+
+def _np_yaw_free(R: np.ndarray) -> np.ndarray:
+    """Root rotations (n,3,3) with their twist about +y removed (numpy)."""
+    yaw = np.arctan2(R[:, 0, 2] - R[:, 2, 0], R[:, 0, 0] + R[:, 2, 2])
+    return _np_ry(-yaw) @ R
+
+
+def _np_gram_schmidt(v6: np.ndarray) -> np.ndarray:
+    """(...,6) first-column-then-second-column 6D -> (...,3,3)."""
+    a1, a2 = v6[..., :3], v6[..., 3:]
+    b1 = a1 / np.linalg.norm(a1, axis=-1, keepdims=True)
+    b2 = a2 - (b1 * a2).sum(-1, keepdims=True) * b1
+    b2 = b2 / np.linalg.norm(b2, axis=-1, keepdims=True)
+    return np.stack([b1, b2, np.cross(b1, b2)], axis=-1)
+
+
+def _np_vec(R24: np.ndarray) -> np.ndarray:
+    """(n,24,3,3) -> (n,144) 6D (first column, then second column, per joint)."""
+    return np.concatenate([R24[..., :, 0], R24[..., :, 1]], axis=-1).reshape(len(R24), 144)
+
+
+def _np_pose_rotmats(orient: np.ndarray, body_pose: np.ndarray, yaw_free=False) -> np.ndarray:
+    R = _np_rodrigues(np.concatenate([orient[:, None], body_pose], axis=1))
+    if yaw_free:
+        R[:, 0] = _np_yaw_free(R[:, 0])
+    return R
+
+
+def _np_errors(pred_R24: np.ndarray, gt_R24: np.ndarray) -> tuple[float, float]:
+    """Pelvis-aligned MPJPE and Umeyama PA-MPJPE (mm) through the skeleton's FK."""
+    pj, pp = _skeleton_joints(torch.as_tensor(_np_vec(pred_R24), dtype=torch.float32))
+    gj, gp = _skeleton_joints(torch.as_tensor(_np_vec(gt_R24), dtype=torch.float32))
+    pj, gj = pj - pp[:, None], gj - gp[:, None]
+    return (np.linalg.norm(pj - gj, axis=-1).mean(-1) * 1000).mean(), _umeyama_pa(pj, gj).mean()
+
+
+class ScriptedPolicy:
+    """A test double of the policy: ``pose_for(prompt) -> (144,)`` decides every answer."""
+
+    config = type("C", (), {"clip_image_size": IMG})()
+
+    def __init__(self, pose_for):
+        self.pose_for = pose_for
+
+    def image2pose_prompt(self):
+        return "<image> pose?"
+
+    def text2pose_prompt(self, caption):
+        return caption
+
+    def generate(self, prompts, images=None, num_samples=1, **kw):
+        vec = torch.stack([self.pose_for(p) for p in prompts]).float()
+        vec = vec.repeat_interleave(num_samples, 0)
+        n = vec.shape[0]
+        return type("Roll", (), {"texts": ["The SMPL pose of this person is <POSE>."] * n,
+                                 "pose_valid": torch.ones(n, dtype=torch.bool),
+                                 "pose_mean": vec, "pose_sample": vec})()
+
+
+def _text_split(path, yaw=0.0, n=12):
+    """Poses with a large root yaw, two captions per pose in a shuffled order."""
+    from poserft.data.h5io import write_split
+    from poserft.model.testing import TEST_TEXTS
+
+    rng = np.random.default_rng(5)
+    body_pose = (rng.normal(size=(n, 23, 3)) * 0.3).astype(np.float32)
+    R0 = _np_ry(rng.uniform(-3, 3, n) + yaw) @ _np_rodrigues(rng.normal(size=(n, 3)) * 0.4)
+    from poserft.body.rotations import matrix_to_axis_angle
+    orient = matrix_to_axis_angle(torch.as_tensor(R0)).numpy().astype(np.float32)
+    pose_index = rng.permutation(np.repeat(np.arange(n), 2))
+    arrays = {"poses/global_orient": orient, "poses/body_pose": body_pose,
+              "poses/betas": np.zeros((n, 10), np.float32), "joints": np.zeros((n, 24, 3), np.float32),
+              "captions/text": [f"{TEST_TEXTS[int(p) % 3]} number {i}" for i, p in enumerate(pose_index)],
+              "captions/pose_index": pose_index}
+    return write_split(path, arrays, {"source": "unit", "split": "test", "body_model": "skeleton",
+                                      "converter_params": {}}), arrays
+
+
+def test_text2pose_errors_match_numpy_reference(world, tmp_path):
+    from poserft.body import load
+    from poserft.data.h5io import SplitReader
+    from poserft.model.io import load_policy
+    from poserft.retrieval.checkpoint import load_retrieval_model
+
+    cfg = _cfg()
+    path, a = _text_split(tmp_path / "a" / "test.h5")
+    policy = load_policy(world["policy"]).eval()
+    ev = load_retrieval_model(world["evaluator"]).eval()
+    with torch.inference_mode(), SplitReader(path) as reader:
+        out, _ = R.evaluate_text2pose(policy, ev, load(None), reader, cfg)
+    assert out["num_samples"] == 20
+
+    # numpy: the caption's own pose (pose_index), both roots yaw-free
+    cidx = R.subset_indices(24, 20, 0)
+    rows = a["captions/pose_index"][cidx]
+    gt = _np_pose_rotmats(a["poses/global_orient"][rows], a["poses/body_pose"][rows], yaw_free=True)
+    caps = [a["captions/text"][i] for i in cidx]
+    roll = policy.generate([policy.text2pose_prompt(c) for c in caps], max_new_tokens=6,
+                           do_sample=False)
+    rest = torch.tensor([1.0, 0, 0, 0, 1, 0]).repeat(24)
+    vec = torch.where(roll.pose_valid[:, None], roll.pose_mean, rest).double().numpy()
+    pred = _np_gram_schmidt(vec.reshape(-1, 24, 6))
+    pred[:, 0] = _np_yaw_free(pred[:, 0])
+    ref_mpjpe, ref_pa = _np_errors(pred, gt)
+    np.testing.assert_allclose(out["mpjpe"], ref_mpjpe, rtol=1e-4)
+    np.testing.assert_allclose(out["pa_mpjpe"], ref_pa, rtol=1e-4)
+    # the wrong pairing (caption row instead of its pose_index) gives another number
+    wrong = _np_pose_rotmats(a["poses/global_orient"][cidx % 12], a["poses/body_pose"][cidx % 12], True)
+    assert abs(_np_errors(pred, wrong)[0] - ref_mpjpe) > 1.0
+
+    # the generated pose's yaw is removed too: the caption's pose as it faces in the split
+    # (root yaw up to +-3 rad) is a perfect answer
+    from poserft.body import smpl_to_vec6d
+    facing = smpl_to_vec6d(torch.as_tensor(a["poses/global_orient"]), torch.as_tensor(a["poses/body_pose"]))
+    by_caption = {c: facing[int(i)] for c, i in zip(a["captions/text"], a["captions/pose_index"])}
+    with torch.inference_mode(), SplitReader(path) as reader:
+        exact, _ = R.evaluate_text2pose(ScriptedPolicy(by_caption.__getitem__), ev, load(None),
+                                        reader, cfg)
+    assert exact["mpjpe"] < 1e-2 and exact["pa_mpjpe"] < 1e-2
+
+    # yaw-free: turning every body about the vertical changes nothing
+    path_b, _ = _text_split(tmp_path / "b" / "test.h5", yaw=1.3)
+    with torch.inference_mode(), SplitReader(path_b) as reader:
+        out_b, _ = R.evaluate_text2pose(policy, ev, load(None), reader, cfg)
+    np.testing.assert_allclose([out_b["mpjpe"], out_b["pa_mpjpe"]], [out["mpjpe"], out["pa_mpjpe"]],
+                               rtol=1e-4)
+
+
+def test_pose6d_without_root_yaw_is_yaw_invariant_and_idempotent():
+    from poserft.body import smpl_to_vec6d
+    from poserft.retrieval.features import pose6d_without_root_yaw
+
+    rng = np.random.default_rng(2)
+    R0 = _np_rodrigues(rng.normal(size=(5, 3)))
+    bp = torch.as_tensor(rng.normal(size=(5, 23, 3)) * 0.3, dtype=torch.float32)
+    from poserft.body.rotations import matrix_to_axis_angle
+    v = smpl_to_vec6d(matrix_to_axis_angle(torch.as_tensor(R0)).float(), bp)
+    turned = smpl_to_vec6d(matrix_to_axis_angle(torch.as_tensor(_np_ry(0.9) @ R0)).float(), bp)
+    free = pose6d_without_root_yaw(v)
+    torch.testing.assert_close(pose6d_without_root_yaw(turned), free, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pose6d_without_root_yaw(free), free, atol=1e-6, rtol=0)
+    assert torch.equal(free[:, 6:], v[:, 6:])
+    want = _np_yaw_free(R0)
+    np.testing.assert_allclose(free[:, :6].numpy(), _np_vec(np.repeat(want[:, None], 24, 1))[:, :6],
+                               atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def train_split(world):
+    """A synthetic-like train split: camera-frame roots, captions on some poses twice."""
+    from poserft.data.h5io import write_split
+
+    rng = np.random.default_rng(7)
+    n = 30
+    rows = np.concatenate([np.arange(n), np.arange(10)])          # poses 0..9 captioned twice
+    arrays = {"poses/global_orient": (rng.normal(size=(n, 3)) * 0.8).astype(np.float32),
+              "poses/body_pose": (rng.normal(size=(n, 23, 3)) * 0.3 + 0.1).astype(np.float32),
+              "poses/betas": np.zeros((n, 10), np.float32), "joints": np.zeros((n, 24, 3), np.float32),
+              "image_pose/global_orient": (rng.normal(size=(n, 3)) * 0.5).astype(np.float32),
+              "captions/text": [f"train caption {i}" for i in range(len(rows))],
+              "captions/pose_index": rows}
+    path = write_split(world["root"] / "synthetic" / "train.h5", arrays,
+                       {"source": "unit", "split": "train", "body_model": "skeleton",
+                        "converter_params": {}})
+    return path, arrays
+
+
+def test_reference_mean_pose_matches_numpy_and_the_variant_path(world, train_split, tmp_path):
+    from poserft.body import load
+    from poserft.data.h5io import SplitReader
+    from poserft.retrieval.checkpoint import load_retrieval_model
+
+    cfg = _cfg(best_of_n=0)
+    out = tmp_path / "reference" / "metrics.json"
+    tracker = RecordingTracker()
+    m = R.evaluate_reference(cfg, train_split[0], world["test"], world["evaluator"], out,
+                             tracker=tracker)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(m))
+    assert tracker.artifacts == [str(out)] and "reference/text2pose/synthetic/oracle/mpjpe" in tracker.metrics
+    t, a = train_split[1], world["arrays"]
+
+    # --- numpy: image->pose mean pose (camera-frame roots, mean 6D, Gram-Schmidt)
+    mean = _np_gram_schmidt(_np_vec(_np_pose_rotmats(t["image_pose/global_orient"],
+                                                     t["poses/body_pose"])).mean(0).reshape(24, 6))
+    idx = R.subset_indices(N_POSES, 10, 0)
+    gt = _np_pose_rotmats(a["image_pose/global_orient"][idx], a["poses/body_pose"][idx])
+    ref = _np_errors(np.repeat(mean[None], len(idx), 0), gt)
+    img = m["image2pose"]["synthetic"]
+    np.testing.assert_allclose([img["mean_pose"]["mpjpe"], img["mean_pose"]["pa_mpjpe"]], ref, rtol=1e-4)
+    assert img["num_samples"] == 10 and img["oracle"]["mpjpe"] < 1e-3
+
+    # --- numpy: text->pose mean pose (yaw-free canonical roots, per caption)
+    rows = t["captions/pose_index"]
+    tmean = _np_gram_schmidt(_np_vec(_np_pose_rotmats(t["poses/global_orient"][rows],
+                                                      t["poses/body_pose"][rows], True)
+                                     ).mean(0).reshape(24, 6))
+    tmean[0] = _np_yaw_free(tmean[None, 0])[0]
+    cidx = R.subset_indices(N_POSES, 20, 0)
+    cgt = _np_pose_rotmats(a["poses/global_orient"][cidx], a["poses/body_pose"][cidx], True)
+    ref = _np_errors(np.repeat(tmean[None], len(cidx), 0), cgt)
+    txt = m["text2pose"]["synthetic"]
+    np.testing.assert_allclose([txt["mean_pose"]["mpjpe"], txt["mean_pose"]["pa_mpjpe"]], ref, rtol=1e-4)
+
+    # --- the same numbers from a "policy" answering the mean pose, through the variant path
+    with SplitReader(train_split[0]) as reader:
+        means = R.train_mean_poses(reader)
+    body, ev = load(None), load_retrieval_model(world["evaluator"]).eval()
+    with torch.inference_mode(), SplitReader(world["test"]) as reader:
+        v_img, _ = R.evaluate_image2pose(ScriptedPolicy(lambda p: means["image2pose"]), body,
+                                         reader, cfg, torch.Generator())
+        v_txt, _ = R.evaluate_text2pose(ScriptedPolicy(lambda p: means["text2pose"]), ev, body,
+                                        reader, cfg)
+    assert {k: v_img[k] for k in ("mpjpe", "pa_mpjpe")} == img["mean_pose"]
+    assert {k: v_txt[k] for k in txt["mean_pose"]} == txt["mean_pose"]
+    # chance: the closed form for this many captions
+    assert txt["chance"] == R.chance_recall(20, cfg.recall_ks, cfg.protocol2_candidates)
+    assert txt["num_samples"] == 20
+
+
+def test_oracle_recall_equals_gt_poses_through_the_variant_path(world, train_split, tmp_path):
+    from poserft.body import load, smpl_to_vec6d
+    from poserft.data.h5io import SplitReader
+    from poserft.retrieval.checkpoint import load_retrieval_model
+    from poserft.retrieval.features import pose6d_without_root_yaw
+
+    cfg = _cfg(best_of_n=0, max_text_samples=0)
+    m = R.evaluate_reference(cfg, train_split[0], world["test"], world["evaluator"],
+                             tmp_path / "ref.json")
+    a = world["arrays"]
+    gt = pose6d_without_root_yaw(smpl_to_vec6d(torch.as_tensor(a["poses/global_orient"]),
+                                               torch.as_tensor(a["poses/body_pose"])))
+    by_caption = {c: gt[int(i)] for c, i in zip(a["captions/text"], a["captions/pose_index"])}
+    with torch.inference_mode(), SplitReader(world["test"]) as reader:
+        variant, _ = R.evaluate_text2pose(ScriptedPolicy(by_caption.__getitem__),
+                                          load_retrieval_model(world["evaluator"]).eval(),
+                                          load(None), reader, cfg)
+    oracle = m["text2pose"]["synthetic"]["oracle"]
+    for protocol in ("protocol1", "protocol2"):
+        assert oracle[protocol] == variant[protocol]
+    assert oracle["mpjpe"] < 1e-3 and oracle["pa_mpjpe"] < 1e-3 and variant["mpjpe"] < 1e-3
+    assert m["text2pose"]["synthetic"]["num_samples"] == N_POSES
+    # the oracle beats the mean pose, which (every pose the same, ties lose) finds nothing
+    mean = m["text2pose"]["synthetic"]["mean_pose"]
+    assert oracle["protocol1"]["mRecall"] > mean["protocol1"]["mRecall"]
+    assert mean["mpjpe"] > 10 * max(oracle["mpjpe"], 1e-3)
+
+
+def test_chance_recall_matches_monte_carlo():
+    from poserft.eval.metrics import retrieval_recall
+
+    M, ks, N, repeats = 40, (1, 5, 8), 8, 3
+    chance = R.chance_recall(M, ks, N)
+    assert chance["protocol1"]["t2p_R@5"] == pytest.approx(100 * 5 / 40)
+    assert chance["protocol2"]["p2t_R@8"] == pytest.approx(100.0)       # K = N: always a hit
+    assert chance["protocol2"]["t2p_R@1"] == pytest.approx(100 / 8)
+    rng = np.random.default_rng(0)
+    runs = {"protocol1": [], "protocol2": []}
+    for trial in range(300):
+        t, p = rng.normal(size=(M, 16)), rng.normal(size=(M, 16))
+        runs["protocol1"].append(retrieval_recall(t, p, np.arange(M), ks=ks, protocol="full"))
+        runs["protocol2"].append(retrieval_recall(t, p, np.arange(M), ks=ks, protocol="sampled",
+                                                  n_candidates=N, repeats=repeats, seed=trial))
+    for protocol, results in runs.items():
+        for key, want in chance[protocol].items():
+            vals = np.array([r[key] for r in results])
+            se = vals.std(ddof=1) / np.sqrt(len(vals))
+            assert abs(vals.mean() - want) <= 4 * se + 0.05, (protocol, key, vals.mean(), want)
+
+
+def test_reference_rows_reach_the_tables(world, train_split, tmp_path):
+    """The keys evaluate_reference writes are the ones build_tables reads."""
+    import pandas as pd
+
+    from poserft.eval import tables as T
+
+    cfg = _cfg(best_of_n=0, max_vqa_samples=2)
+    run = tmp_path / "runs" / "dist" / "seed0" / "metrics.json"
+    ref = tmp_path / "reference" / "metrics.json"
+    m = R.evaluate_variant(cfg, world["policy"], world["evaluator"], {"test": world["test"]}, run,
+                           text_embedder=HashEmbedder())
+    r = R.evaluate_reference(cfg, train_split[0], world["test"], world["evaluator"], ref)
+    assert {"mpjpe", "pa_mpjpe"} <= set(m["text2pose"]["synthetic"])
+    outs = {k: tmp_path / "tables" / (k.rsplit("_", 1)[0] + "." + k.rsplit("_", 1)[1])
+            for k in T.TABLE_FILES}
+    T.build_tables([run], outs, {"dist": ""}, reference=ref)
+    text = pd.read_csv(outs["text2pose_csv"])
+    row = text[(text.Method == "oracle (GT poses)") & (text.Protocol == "P1 (full)")].iloc[0]
+    np.testing.assert_allclose(row["mRecall"], r["text2pose"]["synthetic"]["oracle"]["protocol1"]["mRecall"],
+                               rtol=1e-5)
+    row = text[(text.Method == "dist") & (text.Protocol == "P2 (N=32, R=10)")].iloc[0]
+    np.testing.assert_allclose(row["PA-MPJPE"], m["text2pose"]["synthetic"]["pa_mpjpe"], rtol=1e-5)
+    img = pd.read_csv(outs["image2pose_csv"])
+    assert list(img.Method) == ["mean pose (floor)", "dist", "oracle (GT poses)"]
+
+
+def test_dry_run_schedules_evaluate_reference_once():
+    """One evaluate_reference job for all variants and seeds, and the tables rule reads it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "all", "-n", "--forceall", "--nolock",
+                           "--cores", "1", "--configfile", "configs/seeds.yaml"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1].split("\n\n")[0], re.M))
+    assert counts["evaluate_reference"] == "1"
+    assert int(counts["evaluate"]) > 1                      # several variants x seeds
+    tables = out.split("rule tables:")[1].split("\n\n")[0]
+    assert "results/reference/metrics.json" in tables

@@ -167,3 +167,91 @@ def test_aggregate_seeds_ignores_nan():
     assert (s.mean, s.n) == (2.0, 2)
     np.testing.assert_allclose(s.std, np.std([1.0, 3.0], ddof=1))
     assert T.aggregate_seeds([float("nan")]) is None
+
+
+def _reference(path: Path) -> dict:
+    """results/reference/metrics.json in the layout evaluate_reference writes."""
+    recall = lambda base: {**{f"{d}_R@{k}": base + k for d, b in (("t2p", 0), ("p2t", 1))
+                              for k in (5, 10, 20)}, "mRecall": base + 7.5}
+    data = {"image2pose": {"synthetic": {"mean_pose": {"mpjpe": 310.5, "pa_mpjpe": 140.25},
+                                         "oracle": {"mpjpe": 0.0, "pa_mpjpe": 0.0},
+                                         "num_samples": 200}},
+            "text2pose": {"synthetic": {
+                "mean_pose": {"mpjpe": 180.5, "pa_mpjpe": 90.75, "protocol1": recall(0.0),
+                              "protocol2": recall(10.0)},
+                "oracle": {"mpjpe": 0.0, "pa_mpjpe": 0.0, "protocol1": recall(50.0),
+                           "protocol2": recall(70.0)},
+                "chance": {"protocol1": recall(0.5), "protocol2": recall(15.0)},
+                "num_samples": 600}},
+            "meta": {"joint_set": "lsp14"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return data
+
+
+def test_bound_rows_in_every_table(tmp_path):
+    paths, data = _write_runs(tmp_path, {"baseline": [0], "dist": [0, 1], "dist_rft": [0]},
+                              datasets=("synthetic", "pw3d"))
+    for (v, s), d in data.items():        # text->pose errors of the runs
+        d["text2pose"]["synthetic"].update(mpjpe=100.0 + s, pa_mpjpe=50.0 + s)
+        (tmp_path / "runs" / v / f"seed{s}" / "metrics.json").write_text(json.dumps(d))
+    ref = _reference(tmp_path / "reference" / "metrics.json")
+    outs = _outs(tmp_path)
+    tables = T.build_tables(paths, outs, VARIANTS, reference=tmp_path / "reference" / "metrics.json")
+    floor, chance, oracle = "mean pose (floor)", "chance", "oracle (GT poses)"
+
+    # Table 1: floor above, ceiling below the variants; synthetic columns only; no chance row
+    img = pd.read_csv(outs["image2pose_csv"])
+    assert list(img.Method)[:5] == [floor, "baseline", "dist", "dist_rft", oracle]
+    row = img[img.Method == floor].iloc[0]
+    assert (row["Synthetic MPJPE"], row["Synthetic PA-MPJPE"]) == (310.5, 140.25)
+    assert np.isnan(row["3DPW MPJPE"]) and np.isnan(row["Synthetic MPJPE (best-of-4)"])
+    assert row["kind"] == "bound" and row["Synthetic MPJPE n"] == 0
+    assert img[img.Method == oracle].iloc[0]["Synthetic MPJPE"] == 0.0
+    assert set(img[img.Method.isin(VARIANTS)]["kind"]) == {"variant"}
+    numeric = [c for c in img.columns if c not in ("Method", "reference", "kind")]
+    assert all(pd.api.types.is_numeric_dtype(img[c]) for c in numeric)
+
+    # Table 2: per protocol chance + floor, variants, oracle; errors in their own columns
+    text = pd.read_csv(outs["text2pose_csv"])
+    p1 = text[text.Protocol == "P1 (full)"]
+    assert list(p1.Method) == [chance, floor, "baseline", "dist", "dist_rft", oracle]
+    for bound, name in ((chance, "chance"), (floor, "mean_pose"), (oracle, "oracle")):
+        for protocol, plabel in (("protocol1", "P1 (full)"), ("protocol2", "P2 (N=32, R=10)")):
+            row = text[(text.Method == bound) & (text.Protocol == plabel)].iloc[0]
+            want = ref["text2pose"]["synthetic"][name][protocol]
+            assert row["RP2T R@10"] == want["p2t_R@10"] and row["mRecall"] == want["mRecall"]
+            if name == "chance":       # recall columns only
+                assert np.isnan(row["MPJPE"]) and np.isnan(row["PA-MPJPE"])
+            else:
+                assert row["MPJPE"] == ref["text2pose"]["synthetic"][name]["mpjpe"]
+    dist = text[(text.Method == "dist") & (text.Protocol == "P2 (N=32, R=10)")].iloc[0]
+    np.testing.assert_allclose([dist["MPJPE"], dist["MPJPE std"]], [100.5, np.std([100, 101], ddof=1)],
+                               rtol=1e-5)
+    numeric = [c for c in text.columns if c not in ("Dataset", "Protocol", "Method", "reference", "kind")]
+    assert all(pd.api.types.is_numeric_dtype(text[c]) for c in numeric)
+
+    # Table 3: a floor block first, a ceiling block last
+    ab = tables["ablation"]
+    assert ab.rows[0].index == ("Floor (reference, not a model)", chance)
+    assert ab.rows[1].index == ("Floor (reference, not a model)", floor)
+    assert ab.rows[-1].index == ("Ceiling (reference, not a model)", oracle)
+    assert ab.rows[1].cells["MPJPE"].mean == 310.5
+    assert ab.rows[1].cells["mRecall P2"].mean == ref["text2pose"]["synthetic"]["mean_pose"]["protocol2"]["mRecall"]
+    assert set(ab.rows[0].cells) == {"mRecall P1", "mRecall P2"}
+    assert ab.rows[-1].cells["mRecall P1"].mean == 57.5
+
+    # Markdown: bounds in italics, explained, not counted as seeds
+    md = outs["text2pose_md"].read_text()
+    assert "| Synthetic | P1 (full) | *oracle (GT poses)* | *55.0* |" in md
+    assert "Rows in italics are bounds" in md and "Seeds per cell: 1, 2 " in md
+    main = pd.read_csv(outs["main_csv"])
+    row = main[(main.variant == floor) & (main.metric == "text2pose.synthetic.protocol1.mRecall")].iloc[0]
+    assert (row["mean"], row["kind"], row["n_seeds"]) == (7.5, "bound", 0)
+    assert set(main[main.variant == "dist"]["kind"]) == {"variant"}
+
+
+def test_missing_reference_named(tmp_path):
+    paths, _ = _write_runs(tmp_path, {"dist": [0]})
+    with pytest.raises(T.MetricsFileError, match="evaluate_reference"):
+        T.build_tables(paths, _outs(tmp_path), VARIANTS, reference=tmp_path / "nope.json")

@@ -1,9 +1,10 @@
 """The ``eval`` config section: how one variant's policy is benchmarked.
 
-Stdlib-only (the Snakefile imports it at parse time). Defaults are the embedded world:
-small subsets of the synthetic test split so that evaluating one variant takes seconds on
-one CPU core. Paper scale (configs/paper.yaml): ``max_image_samples: 0``,
-``max_text_samples: 0``, ``max_vqa_samples: 0`` (whole test splits), ``best_of_n: 10``.
+Stdlib-only (the Snakefile imports it at parse time). Image->pose and text->pose are
+scored on the whole test splits by default (``max_image_samples: 0``,
+``max_text_samples: 0``); the knobs remain for quick looks on a seeded subset. Held-out VQA
+keeps a small subset by default (``max_vqa_samples: 32``; paper scale, configs/paper.yaml:
+0). The same rows score every variant, seed and the floor/ceiling reference.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ class EvalConfig(Section):
     """Benchmarks of one variant: image->pose errors, text->pose retrieval, format, VQA."""
 
     max_image_samples: int = option(
-        64, "Images scored per image->pose test split (a seeded subset, the same for every "
-            "variant); 0 = the whole split. Paper: 0.", minimum=0)
+        0, "Images scored per image->pose test split: 0 (default) = the whole split; N > 0 = "
+           "a seeded subset of N rows (the same for every variant, seed and the "
+           "floor/ceiling reference), for quick looks only.", minimum=0)
     max_text_samples: int = option(
-        64, "Test captions turned into poses for text->pose Recall@K (seeded subset); 0 = "
-            "all. Must be > eval.protocol2_candidates (protocol 2 draws distractors from "
-            "the other generated poses). Paper: 0.", minimum=0)
+        0, "Test captions turned into poses for text->pose Recall@K and MPJPE: 0 (default) = "
+           "all; N > 0 = a seeded subset of N captions (the same for every variant, seed and "
+           "the reference), for quick looks only. Must be 0 or > eval.protocol2_candidates "
+           "(protocol 2 draws distractors from the other generated poses).", minimum=0)
     max_vqa_samples: int = option(
         32, "Held-out VQA questions answered for the mean text reward (seeded subset); "
             "0 = all, and the metric is skipped when the split has no /vqa.", minimum=0)

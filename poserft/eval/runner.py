@@ -1,4 +1,5 @@
-"""Benchmark one variant's policy: image->pose, text->pose, answer format, VQA text reward.
+"""Benchmark one variant's policy: image->pose, text->pose, answer format, VQA text reward;
+and the bounds every variant is read against (floor and ceiling).
 
 :func:`evaluate_variant` writes ``results/runs/{variant}/seed{seed}/metrics.json``::
 
@@ -6,13 +7,31 @@
                           best_of_n, best_of_n_mpjpe, best_of_n_pa_mpjpe (oracle min over N
                           sampled poses, each metric separately), pose_valid_rate, num_samples
     text2pose.<dataset>:  protocol1.{t2p_R@K, p2t_R@K, mRecall}, protocol2.{...} (%, the
-                          EVALUATOR retrieval model), pose_valid_rate, num_samples
+                          EVALUATOR retrieval model), mpjpe, pa_mpjpe (mm, the generated pose
+                          against the caption's ground-truth pose, both with the root's yaw
+                          removed), pose_valid_rate, num_samples
     format_rate           fraction of greedy answers to pose prompts (image2pose and
                           text2pose of the synthetic test split) matching eval.format_regex;
                           format.{image2pose, text2pose, num_prompts}
     text_reward           mean cosine (text embedder) between greedy VQA answers and the
                           reference answers of the held-out VQA; vqa.num_samples
     meta                  joint_set, directories, seconds
+
+:func:`evaluate_reference` writes ``results/reference/metrics.json`` (design.md, "Floors and
+ceilings"), on the same test rows of the synthetic test split, through the same scoring
+functions as the variants (:func:`image2pose_pose_metrics`, :func:`score_text2pose`)::
+
+    image2pose.synthetic.mean_pose.{mpjpe, pa_mpjpe}  the train split's mean pose (camera-
+                          frame root) predicted for every test image (floor)
+    image2pose.synthetic.oracle.{mpjpe, pa_mpjpe}     the ground-truth pose predicted (0 when
+                          eval.pred_betas=gt; else the error of the shape alone)
+    text2pose.synthetic.mean_pose.{mpjpe, pa_mpjpe, protocol1.*, protocol2.*}
+                          the train mean of the text targets (yaw removed) for every caption
+    text2pose.synthetic.oracle.{mpjpe, pa_mpjpe, protocol1.*, protocol2.*}
+                          each caption's ground-truth pose as the "generated" pose (ceiling)
+    text2pose.synthetic.chance.{protocol1.*, protocol2.*}
+                          exact chance recall (:func:`chance_recall`)
+    {image2pose,text2pose}.synthetic.num_samples, meta
 
 Conventions (design.md, "Evaluation protocols"):
 
@@ -22,11 +41,17 @@ Conventions (design.md, "Evaluation protocols"):
   PA-MPJPE after a per-sample similarity Procrustes. Ground truth is the split's SMPL pose
   in the image (camera) frame (``/image_pose/global_orient`` when present) through the same
   body model.
+* text->pose errors use the same joints and alignment, in SMPL's canonical frame with the
+  root's twist about the vertical axis removed from both poses (a caption never says
+  which way the body faces; the text->pose training targets are yaw-free too). Both
+  skeletons get the same shape (the mean shape; the ground-truth betas with
+  ``eval.pred_betas: gt``): a caption says nothing about body shape.
 * A completion without ``<POSE>`` has no pose; it is scored as the rest pose (identity
   rotations) so that a model cannot improve its error by not answering. Its rate is
   ``pose_valid_rate``.
-* Test subsets (``eval.max_*_samples``) are seeded by ``eval.subset_seed`` only, so every
-  variant and seed is scored on the same samples.
+* Test subsets (``eval.max_*_samples``, default 0 = the whole split) are seeded by
+  ``eval.subset_seed`` only, so every variant, seed and the reference are scored on the
+  same samples.
 """
 
 from __future__ import annotations
@@ -35,6 +60,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -46,8 +72,10 @@ from poserft.eval.config import EvalConfig
 
 __all__ = ["subset_indices", "person_boxes", "fill_invalid_poses", "pose_joints", "joint_errors",
            "best_of_n_errors", "format_matches", "embedding_cosine", "tracker_metrics",
-           "evaluate_image2pose", "evaluate_text2pose", "evaluate_vqa", "evaluate_variant",
-           "SYNTHETIC"]
+           "chance_recall", "PoseTargets", "image2pose_targets", "text2pose_targets",
+           "pose_errors", "image2pose_pose_metrics", "text2pose_recall", "score_text2pose",
+           "normalise_pose6d", "train_mean_poses", "evaluate_image2pose", "evaluate_text2pose",
+           "evaluate_vqa", "evaluate_variant", "evaluate_reference", "SYNTHETIC"]
 
 log = logging.getLogger(__name__)
 SYNTHETIC = "synthetic"
@@ -118,6 +146,28 @@ def embedding_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (na * nb)
 
 
+def chance_recall(num_captions: int, ks: Sequence[int], n_candidates: int) -> dict[str, dict[str, float]]:
+    """Exact chance Recall@K (%) of :func:`poserft.eval.metrics.retrieval_recall` for
+    ``num_captions`` captions paired one-to-one with as many poses (caption i <-> pose i, the
+    text->pose evaluation's pairs), for embeddings carrying no information (no ties).
+
+    Protocol 1 ('full'): the ground truth's rank among the M candidates of either direction
+    is uniform, so R@K = min(K, M) / M. Protocol 2 ('sampled'): uniform among the N
+    candidates (ground truth + N-1 distractors), R@K = min(K, N) / N, for every repeat.
+    ``mRecall`` is the mean of the 2 x len(ks) values, as in ``retrieval_recall``.
+    """
+    if num_captions < 1 or n_candidates < 2:
+        raise ValueError(f"chance_recall: needs >= 1 caption and >= 2 candidates, got "
+                         f"{num_captions}, {n_candidates}")
+    out = {}
+    for protocol, pool in (("protocol1", int(num_captions)), ("protocol2", int(n_candidates))):
+        values = {f"{d}_R@{int(k)}": 100.0 * min(int(k), pool) / pool
+                  for d in ("t2p", "p2t") for k in ks}
+        values["mRecall"] = float(np.mean(list(values.values())))
+        out[protocol] = values
+    return out
+
+
 _MLFLOW_BAD = re.compile(r"[^\w.\- :/]")
 
 
@@ -185,23 +235,154 @@ def _read_images(reader, idx: np.ndarray, size: int) -> np.ndarray:
     return np.stack(out).astype(np.uint8)
 
 
-def evaluate_image2pose(policy, body, reader, cfg: EvalConfig, generator: torch.Generator
-                        ) -> tuple[dict[str, float], list[str]]:
-    """Image->pose metrics on one split (greedy + best-of-N); also the greedy answers."""
+@dataclass
+class PoseTargets:
+    """Ground truth of the scored test rows (one entry per row, in scoring order).
+
+    idx: the scored rows (image rows, or caption rows for text->pose).
+    vec6d (n,144): the ground-truth poses (what the oracle "predicts").
+    joints (n,J,3), pelvis (n,3): their skeletons (``eval.joint_set``), metres.
+    pred_betas (n,B) or None: the shape every predicted pose of a row gets (None: mean shape).
+    """
+
+    idx: np.ndarray
+    vec6d: torch.Tensor
+    joints: torch.Tensor
+    pelvis: torch.Tensor
+    pred_betas: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(len(self.idx))
+
+
+def _joints_in_batches(body, vec6d: torch.Tensor, joint_set: str, betas: torch.Tensor | None,
+                       batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pose_joints` over a whole test split, ``batch_size`` rows at a time (an SMPL
+    forward pass over tens of thousands of rows at once would not fit in memory)."""
+    joints, pelvis = [], []
+    for sl in _batches(vec6d.shape[0], batch_size):
+        j, p = pose_joints(body, vec6d[sl], joint_set, None if betas is None else betas[sl])
+        joints.append(j)
+        pelvis.append(p)
+    return torch.cat(joints), torch.cat(pelvis)
+
+
+def image2pose_targets(body, reader, cfg: EvalConfig) -> PoseTargets:
+    """Image->pose ground truth of the scored image rows: the split's pose with the camera-
+    frame root (``/image_pose/global_orient`` when present), with its betas."""
+    from poserft.body import smpl_to_vec6d
+
     idx = subset_indices(reader.num_poses, cfg.max_image_samples, cfg.subset_seed)
     poses = reader.poses(idx)
     orient = (reader.image_global_orient(idx) if reader.has("image_pose/global_orient")
               else poses["global_orient"])
     gt_betas = torch.as_tensor(poses["betas"], dtype=torch.float32)
-    from poserft.body import smpl_to_vec6d
     gt_vec = smpl_to_vec6d(torch.as_tensor(orient, dtype=torch.float32),
                            torch.as_tensor(poses["body_pose"], dtype=torch.float32))
-    gt_joints, gt_pelvis = pose_joints(body, gt_vec, cfg.joint_set, gt_betas)
-    pred_betas = gt_betas if cfg.pred_betas == "gt" else None
+    joints, pelvis = _joints_in_batches(body, gt_vec, cfg.joint_set, gt_betas, cfg.batch_size)
+    return PoseTargets(idx, gt_vec, joints, pelvis, gt_betas if cfg.pred_betas == "gt" else None)
+
+
+def text2pose_targets(body, reader, cfg: EvalConfig) -> tuple[list[str], PoseTargets]:
+    """Scored captions and their ground-truth poses (``/captions/pose_index``), in SMPL's
+    canonical frame with the root's yaw removed. Both skeletons get the same shape."""
+    from poserft.body import smpl_to_vec6d
+    from poserft.retrieval.features import pose6d_without_root_yaw
+
+    idx = subset_indices(reader.num_captions, cfg.max_text_samples, cfg.subset_seed)
+    captions = [str(c) for c in reader.captions(idx)]
+    if len(captions) <= cfg.protocol2_candidates:
+        raise ValueError(f"{reader.path}: {len(captions)} test captions, but protocol 2 needs "
+                         f"more than eval.protocol2_candidates={cfg.protocol2_candidates}")
+    rows = np.asarray(reader.caption_pose_index(idx), dtype=np.int64)
+    poses = reader.poses(rows)
+    gt_vec = pose6d_without_root_yaw(smpl_to_vec6d(
+        torch.as_tensor(poses["global_orient"], dtype=torch.float32),
+        torch.as_tensor(poses["body_pose"], dtype=torch.float32)))
+    betas = (torch.as_tensor(poses["betas"], dtype=torch.float32) if cfg.pred_betas == "gt"
+             else None)
+    joints, pelvis = _joints_in_batches(body, gt_vec, cfg.joint_set, betas, cfg.batch_size)
+    return captions, PoseTargets(idx, gt_vec, joints, pelvis, betas)
+
+
+def pose_errors(body, pred_vec: torch.Tensor, target: PoseTargets, joint_set: str,
+                rows: slice | np.ndarray = slice(None), repeat: int = 1
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """MPJPE, PA-MPJPE (mm) per predicted pose: ``pred_vec`` (len(rows)*repeat, 144) holds
+    ``repeat`` consecutive predictions for each of the target rows ``rows``."""
+    betas = target.pred_betas
+    gt_j, gt_p = target.joints[rows], target.pelvis[rows]
+    if betas is not None:
+        betas = betas[rows]
+    if repeat > 1:
+        gt_j, gt_p = gt_j.repeat_interleave(repeat, 0), gt_p.repeat_interleave(repeat, 0)
+        betas = None if betas is None else betas.repeat_interleave(repeat, 0)
+    j, p = pose_joints(body, pred_vec.cpu(), joint_set, betas)
+    return joint_errors(j, p, gt_j, gt_p)
+
+
+def _errors_in_batches(body, pred_vec: torch.Tensor, target: PoseTargets, cfg: EvalConfig
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    if pred_vec.shape[0] != len(target):
+        raise ValueError(f"{pred_vec.shape[0]} predicted poses for {len(target)} target rows")
+    pred_vec = pred_vec.detach().float().cpu().contiguous()
+    e, pa = [], []
+    for sl in _batches(len(target), cfg.batch_size):
+        a, b = pose_errors(body, pred_vec[sl], target, cfg.joint_set, sl)
+        e.append(a)
+        pa.append(b)
+    return np.concatenate(e), np.concatenate(pa)
+
+
+def image2pose_pose_metrics(body, pred_vec: torch.Tensor, target: PoseTargets, cfg: EvalConfig
+                            ) -> dict[str, float]:
+    """{mpjpe, pa_mpjpe} (mm, means over rows) of one predicted pose per target row: the
+    scoring of a variant's greedy answers and of the references alike."""
+    e, pa = _errors_in_batches(body, pred_vec, target, cfg)
+    return {"mpjpe": float(e.mean()), "pa_mpjpe": float(pa.mean())}
+
+
+def text2pose_recall(evaluator, captions: Sequence[str], pred_vec: torch.Tensor, cfg: EvalConfig,
+                     text_emb: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """Recall@K of (caption i, pose i) pairs with the evaluator model, protocol 1 (full) and
+    protocol 2 (sampled). ``text_emb``: the captions' embeddings when already computed."""
+    from poserft.eval.metrics import retrieval_recall
+
+    if text_emb is None:
+        text_emb = evaluator.embed_texts(list(captions)).cpu()
+    pose_emb = evaluator.embed_poses(pred_vec.to(evaluator.log_logit_scale.device)).cpu()
+    pairs = np.arange(len(captions))      # caption i <-> the pose generated from it
+    return {
+        "protocol1": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks, protocol="full"),
+        "protocol2": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks,
+                                      protocol="sampled", n_candidates=cfg.protocol2_candidates,
+                                      repeats=cfg.protocol2_repeats, seed=cfg.recall_seed)}
+
+
+def score_text2pose(evaluator, body, captions: Sequence[str], pred_vec: torch.Tensor,
+                    target: PoseTargets, cfg: EvalConfig, text_emb: torch.Tensor | None = None
+                    ) -> dict[str, Any]:
+    """One pose per caption -> {protocol1, protocol2, mpjpe, pa_mpjpe}: the scoring of a
+    variant's generated poses and of the references (mean pose, ground truth) alike.
+    Errors compare yaw-free poses (the target's are yaw-free already)."""
+    from poserft.retrieval.features import pose6d_without_root_yaw
+
+    pred_vec = pred_vec.detach().float().cpu().contiguous()
+    e, pa = _errors_in_batches(body, pose6d_without_root_yaw(pred_vec), target, cfg)
+    out: dict[str, Any] = text2pose_recall(evaluator, captions, pred_vec, cfg, text_emb)
+    out.update(mpjpe=float(e.mean()), pa_mpjpe=float(pa.mean()))
+    return out
+
+
+def evaluate_image2pose(policy, body, reader, cfg: EvalConfig, generator: torch.Generator
+                        ) -> tuple[dict[str, float], list[str]]:
+    """Image->pose metrics on one split (greedy + best-of-N); also the greedy answers."""
+    target = image2pose_targets(body, reader, cfg)
+    idx = target.idx
     size = policy.config.clip_image_size
     prompt = policy.image2pose_prompt()
     n = len(idx)
-    greedy_mpjpe, greedy_pa, bon_mpjpe, bon_pa, valid, texts = [], [], [], [], [], []
+    greedy, bon_mpjpe, bon_pa, valid, texts = [], [], [], [], []
     for sl in _progress(list(_batches(n, cfg.batch_size)), f"image2pose {reader.path.parent.name}"):
         images = _read_images(reader, idx[sl], size)
         b = images.shape[0]
@@ -209,28 +390,18 @@ def evaluate_image2pose(policy, body, reader, cfg: EvalConfig, generator: torch.
                                max_new_tokens=cfg.max_new_tokens, do_sample=False)
         texts += roll.texts
         valid.append(roll.pose_valid.cpu().numpy())
-        vec = fill_invalid_poses(roll.pose_mean, roll.pose_valid)
-        j, p = pose_joints(body, vec.cpu(), cfg.joint_set,
-                           None if pred_betas is None else pred_betas[sl])
-        e, pa = joint_errors(j, p, gt_joints[sl], gt_pelvis[sl])
-        greedy_mpjpe.append(e)
-        greedy_pa.append(pa)
+        greedy.append(fill_invalid_poses(roll.pose_mean, roll.pose_valid).cpu())
         if cfg.best_of_n:
             k = cfg.best_of_n
             roll = policy.generate([prompt] * b, images=images, num_samples=k,
                                    max_new_tokens=cfg.max_new_tokens, do_sample=True,
                                    temperature=cfg.sample_temperature, generator=generator)
             vec = fill_invalid_poses(roll.pose_sample, roll.pose_valid)
-            j, p = pose_joints(body, vec.cpu(), cfg.joint_set,
-                               None if pred_betas is None else pred_betas[sl].repeat_interleave(k, 0))
-            e, pa = joint_errors(j, p, gt_joints[sl].repeat_interleave(k, 0),
-                                 gt_pelvis[sl].repeat_interleave(k, 0))
+            e, pa = pose_errors(body, vec, target, cfg.joint_set, sl, repeat=k)
             bon_mpjpe.append(best_of_n_errors(e, k))
             bon_pa.append(best_of_n_errors(pa, k))
-    out = {"mpjpe": float(np.concatenate(greedy_mpjpe).mean()),
-           "pa_mpjpe": float(np.concatenate(greedy_pa).mean()),
-           "pose_valid_rate": float(np.concatenate(valid).mean()),
-           "num_samples": int(n)}
+    out = image2pose_pose_metrics(body, torch.cat(greedy), target, cfg)
+    out.update(pose_valid_rate=float(np.concatenate(valid).mean()), num_samples=int(n))
     if cfg.best_of_n:
         out.update(best_of_n=int(cfg.best_of_n),
                    best_of_n_mpjpe=float(np.concatenate(bon_mpjpe).mean()),
@@ -238,17 +409,12 @@ def evaluate_image2pose(policy, body, reader, cfg: EvalConfig, generator: torch.
     return out, texts
 
 
-def evaluate_text2pose(policy, evaluator, reader, cfg: EvalConfig
+def evaluate_text2pose(policy, evaluator, body, reader, cfg: EvalConfig
                        ) -> tuple[dict[str, Any], list[str]]:
     """Greedy pose per test caption, then Recall@K of (caption, generated pose) pairs with
-    the evaluator model under protocol 1 (full) and 2 (sampled); also the greedy answers."""
-    from poserft.eval.metrics import retrieval_recall
-
-    idx = subset_indices(reader.num_captions, cfg.max_text_samples, cfg.subset_seed)
-    captions = [str(c) for c in reader.captions(idx)]
-    if len(captions) <= cfg.protocol2_candidates:
-        raise ValueError(f"{reader.path}: {len(captions)} test captions, but protocol 2 needs "
-                         f"more than eval.protocol2_candidates={cfg.protocol2_candidates}")
+    the evaluator model under protocol 1 (full) and 2 (sampled), and MPJPE / PA-MPJPE
+    against the caption's ground-truth pose (yaw-free); also the greedy answers."""
+    captions, target = text2pose_targets(body, reader, cfg)
     poses, valid, texts = [], [], []
     for sl in _progress(list(_batches(len(captions), cfg.batch_size)),
                         f"text2pose {reader.path.parent.name}"):
@@ -258,17 +424,8 @@ def evaluate_text2pose(policy, evaluator, reader, cfg: EvalConfig
         texts += roll.texts
         valid.append(roll.pose_valid.cpu())
         poses.append(fill_invalid_poses(roll.pose_mean, roll.pose_valid).cpu())
-    poses_t = torch.cat(poses)
-    text_emb = evaluator.embed_texts(captions).cpu()
-    pose_emb = evaluator.embed_poses(poses_t.to(evaluator.log_logit_scale.device)).cpu()
-    pairs = np.arange(len(captions))      # caption i <-> the pose generated from it
-    out: dict[str, Any] = {
-        "protocol1": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks, protocol="full"),
-        "protocol2": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks,
-                                      protocol="sampled", n_candidates=cfg.protocol2_candidates,
-                                      repeats=cfg.protocol2_repeats, seed=cfg.recall_seed),
-        "pose_valid_rate": float(torch.cat(valid).float().mean()),
-        "num_samples": len(captions)}
+    out = score_text2pose(evaluator, body, captions, torch.cat(poses), target, cfg)
+    out.update(pose_valid_rate=float(torch.cat(valid).float().mean()), num_samples=len(captions))
     return out, texts
 
 
@@ -377,7 +534,8 @@ def evaluate_variant(eval_cfg: EvalConfig | dict, policy_dir: str | os.PathLike,
         for name, path in text_splits.items():
             t0 = time.perf_counter()
             with SplitReader(path) as reader:
-                metrics["text2pose"][name], texts = evaluate_text2pose(policy, evaluator, reader, cfg)
+                metrics["text2pose"][name], texts = evaluate_text2pose(policy, evaluator, body,
+                                                                       reader, cfg)
             if name == SYNTHETIC:
                 format_texts["text2pose"] = texts
             timings[f"text2pose_{name}"] = time.perf_counter() - t0
@@ -411,4 +569,115 @@ def evaluate_variant(eval_cfg: EvalConfig | dict, policy_dir: str | os.PathLike,
         tracker.log_metrics(tracker_metrics({k: v for k, v in metrics.items() if k != "meta"}))
         tracker.log_artifact(out_json)
     log.info("evaluation of %s done in %.1f s", policy_dir, timings["total"])
+    return metrics
+
+
+# ----------------------------------------------------------------- floors and ceilings --
+def normalise_pose6d(vec6d: torch.Tensor) -> torch.Tensor:
+    """(...,144) -> the same poses as valid 6D rotations: each joint's two columns through
+    the model's 6D->rotation map (Gram-Schmidt, :func:`poserft.body.vec6d_to_rotmats`) and
+    back. A mean of 6D vectors is not a rotation; this is the rotation it stands for."""
+    from poserft.body import rotmats_to_vec6d, vec6d_to_rotmats
+
+    return rotmats_to_vec6d(vec6d_to_rotmats(vec6d.float()))
+
+
+def train_mean_poses(reader) -> dict[str, torch.Tensor]:
+    """The train split's mean poses (144,), normalised (:func:`normalise_pose6d`):
+
+    * ``image2pose``: mean over the rows of the 6D pose with the camera-frame root
+      (``/image_pose/global_orient`` when present) and ``/poses/body_pose``, the
+      image->pose targets;
+    * ``text2pose``: mean over the captions of their pose (``/captions/pose_index``) in the
+      canonical frame with the root's yaw removed, the text->pose targets.
+    """
+    from poserft.body import smpl_to_vec6d
+    from poserft.retrieval.features import pose6d_without_root_yaw
+
+    poses = reader.poses()
+    body_pose = torch.as_tensor(np.asarray(poses["body_pose"]), dtype=torch.float32)
+    canonical = torch.as_tensor(np.asarray(poses["global_orient"]), dtype=torch.float32)
+    camera = (torch.as_tensor(np.asarray(reader.image_global_orient()), dtype=torch.float32)
+              if reader.has("image_pose/global_orient") else canonical)
+    out = {"image2pose": normalise_pose6d(smpl_to_vec6d(camera, body_pose).double().mean(0).float())}
+    if reader.num_captions:
+        rows = torch.as_tensor(np.asarray(reader.caption_pose_index(), dtype=np.int64))
+        text = pose6d_without_root_yaw(smpl_to_vec6d(canonical, body_pose))[rows]
+        out["text2pose"] = normalise_pose6d(text.double().mean(0).float())
+    return out
+
+
+def _bound_images(body, reader, cfg: EvalConfig, mean_vec: torch.Tensor) -> dict[str, Any]:
+    target = image2pose_targets(body, reader, cfg)
+    n = len(target)
+    return {"mean_pose": image2pose_pose_metrics(body, mean_vec[None].expand(n, -1), target, cfg),
+            "oracle": image2pose_pose_metrics(body, target.vec6d, target, cfg),
+            "num_samples": n}
+
+
+def _bound_texts(evaluator, body, reader, cfg: EvalConfig, mean_vec: torch.Tensor
+                 ) -> dict[str, Any]:
+    captions, target = text2pose_targets(body, reader, cfg)
+    n = len(captions)
+    text_emb = evaluator.embed_texts(captions).cpu()
+    return {"mean_pose": score_text2pose(evaluator, body, captions, mean_vec[None].expand(n, -1),
+                                         target, cfg, text_emb),
+            "oracle": score_text2pose(evaluator, body, captions, target.vec6d, target, cfg,
+                                      text_emb),
+            "chance": chance_recall(n, cfg.recall_ks, cfg.protocol2_candidates),
+            "num_samples": n}
+
+
+def evaluate_reference(eval_cfg: EvalConfig | dict, train_split: str | os.PathLike,
+                       test_split: str | os.PathLike, evaluator_dir: str | os.PathLike,
+                       out_json: str | os.PathLike, body_cfg: Any = None, tracker: Any = None
+                       ) -> dict[str, Any]:
+    """Floor and ceiling of every table, on the synthetic test split's scored rows (the
+    same as :func:`evaluate_variant`'s), through the same scoring functions; write
+    ``out_json`` atomically; return the metrics (layout: module docstring).
+
+    Args:
+        eval_cfg: the ``eval`` section (or its plain dict).
+        train_split: the synthetic train split (its mean poses are the floor).
+        test_split: the synthetic test split.
+        evaluator_dir: the EVALUATOR retrieval model (the one that scores the variants).
+        body_cfg: the ``body`` section (None: skeleton model).
+    """
+    from poserft.body import load as load_body
+    from poserft.data.h5io import SplitReader
+    from poserft.retrieval.checkpoint import load_retrieval_model
+
+    cfg = eval_cfg if isinstance(eval_cfg, EvalConfig) else EvalConfig.from_dict(eval_cfg, where="eval")
+    cfg.check("eval")
+    for path in (Path(train_split), Path(test_split)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: split does not exist (run the rule that produces "
+                                    f"it, e.g. `snakemake {path}`)")
+    start = time.perf_counter()
+    evaluator = load_retrieval_model(evaluator_dir).eval()
+    body = load_body(body_cfg)
+    with SplitReader(train_split) as reader:
+        means = train_mean_poses(reader)
+    metrics: dict[str, Any] = {"image2pose": {}, "text2pose": {}}
+    with torch.inference_mode(), SplitReader(test_split) as reader:
+        if reader.has("images") or reader.has("image_paths"):
+            metrics["image2pose"][SYNTHETIC] = _bound_images(body, reader, cfg, means["image2pose"])
+        else:
+            log.warning("%s: no images; image->pose bounds skipped (as for the variants)",
+                        test_split)
+        if reader.num_captions:
+            if "text2pose" not in means:
+                raise ValueError(f"{train_split}: no /captions; the text->pose mean pose needs "
+                                 "the train captions")
+            metrics["text2pose"][SYNTHETIC] = _bound_texts(evaluator, body, reader, cfg,
+                                                           means["text2pose"])
+    metrics["meta"] = {"joint_set": cfg.joint_set, "train_split": str(train_split),
+                       "test_split": str(test_split), "evaluator_dir": str(evaluator_dir),
+                       "seconds": time.perf_counter() - start}
+    write_json(out_json, metrics)
+    if tracker is not None:
+        tracker.log_metrics(tracker_metrics({k: v for k, v in metrics.items() if k != "meta"},
+                                            prefix="reference/"))
+        tracker.log_artifact(out_json)
+    log.info("reference bounds done in %.1f s", metrics["meta"]["seconds"])
     return metrics

@@ -9,11 +9,21 @@ Rows are variants (in config order); with several seeds a cell shows
   the best-of-N columns.
 * Table 2, text->pose: RT2P / RP2T Recall@5/10/20 and mRecall (%), protocol 1 (full) and
   protocol 2 (N=32 candidates, R=10 repeats), per dataset.
+* Table 2 also has MPJPE / PA-MPJPE (mm) of the generated poses against the captions'
+  ground-truth poses (yaw-free); they do not depend on the protocol and repeat on its rows.
 * Table 3, ablations: groups of variants (:data:`ABLATIONS`) on the key metrics.
 
+Bounds (design.md, "Floors and ceilings"): given ``results/reference/metrics.json``
+(:func:`poserft.eval.runner.evaluate_reference`), every table also gets the rows
+"chance" (recall columns only) and "mean pose (floor)" above the variants and
+"oracle (GT poses)" below them (:data:`BOUND_LABELS`). They are computed once, on the
+same test rows, and are neither seeds nor models nor published numbers: italic in
+Markdown, ``kind = bound`` (and ``n = 0``) in the CSV files.
+
 Each table is written as Markdown (``.md``, cells formatted) and CSV (``.csv``, numeric:
-``<column>`` mean, ``<column> std``, ``<column> n``). ``main.md`` holds all three plus the
-published numbers (:mod:`poserft.eval.paper_results`) where the dataset matches.
+``<column>`` mean, ``<column> std``, ``<column> n``, then ``reference`` (citation) and
+``kind``: variant, bound or paper). ``main.md`` holds all three plus the published numbers
+(:mod:`poserft.eval.paper_results`) where the dataset matches.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -34,12 +44,26 @@ from poserft.eval.paper_results import PaperResult, paper_rows
 __all__ = ["Stat", "Column", "Row", "Table", "Ablation", "ABLATIONS", "DATASET_LABELS",
            "MetricsFileError", "parse_run_path", "flatten_metrics", "load_runs",
            "aggregate_seeds", "aggregate_runs", "image2pose_table", "text2pose_table",
-           "ablation_table", "render_markdown", "table_frame", "build_tables", "TABLE_FILES"]
+           "ablation_table", "render_markdown", "table_frame", "build_tables", "TABLE_FILES",
+           "BOUND_LABELS", "load_reference", "reference_stats"]
 
 DATASET_LABELS = {"synthetic": "Synthetic", "pw3d": "3DPW", "h36m": "H36M",
                   "mpi_inf_3dhp": "MPI-INF-3DHP", "posescript": "PoseScript"}
 _PROTOCOL_LABELS = {"protocol1": "P1 (full)", "protocol2": "P2 (N=32, R=10)"}
 _MISSING = "–"
+
+# Bounds of results/reference/metrics.json (key below "<task>.<dataset>.") -> row label.
+BOUND_LABELS = {"chance": "chance", "mean_pose": "mean pose (floor)",
+                "oracle": "oracle (GT poses)"}
+_FLOORS = ("chance", "mean_pose")          # rows above the variants
+_CEILINGS = ("oracle",)                    # rows below them
+_BOUNDS_NOTE = ("Rows in italics are bounds, not models (results/reference/metrics.json, "
+                "computed once on the same test rows, no seeds): *mean pose (floor)* predicts "
+                "the train split's mean pose for every input; *chance* is the exact chance "
+                "recall of the protocol (K/M against all M test captions/poses, K/N against N "
+                "sampled candidates); *oracle (GT poses)* scores the ground-truth poses through "
+                "the same evaluator and joint errors. A variant's number means something only "
+                "between its floor and ceiling.")
 
 # Output files of build_tables (keys of its ``out_paths``).
 TABLE_FILES = ("main_md", "main_csv", "image2pose_md", "image2pose_csv", "text2pose_md",
@@ -108,6 +132,39 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
     return runs
 
 
+def load_reference(path: str | os.PathLike) -> dict[str, float]:
+    """Flat metrics of ``results/reference/metrics.json``; one error names the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MetricsFileError(f"{path}: reference metrics do not exist (run `snakemake "
+                               f"{path}`, rule evaluate_reference)") from None
+    except json.JSONDecodeError as exc:
+        raise MetricsFileError(f"{path}: not valid JSON ({exc}); delete it and rerun the "
+                               "evaluate_reference rule") from None
+    if not isinstance(data, dict):
+        raise MetricsFileError(f"{path}: expected a JSON object of metrics")
+    return flatten_metrics({k: v for k, v in data.items() if k != "meta"})
+
+
+_BOUND_KEY = re.compile(rf"^(?P<task>image2pose|text2pose)\.(?P<ds>[^.]+)\."
+                        rf"(?P<bound>{'|'.join(BOUND_LABELS)})\.(?P<rest>.+)$")
+
+
+def reference_stats(flat: Mapping[str, float]) -> dict[str, dict[str, Stat]]:
+    """Reference metrics -> bound name -> metric key in the variants' layout -> Stat:
+    ``text2pose.synthetic.oracle.protocol1.mRecall`` becomes
+    ``{"oracle": {"text2pose.synthetic.protocol1.mRecall": Stat}}`` (n = 0: not seeds)."""
+    out: dict[str, dict[str, Stat]] = {}
+    for key, value in flat.items():
+        m = _BOUND_KEY.match(key)
+        if m and math.isfinite(value):
+            out.setdefault(m["bound"], {})[f"{m['task']}.{m['ds']}.{m['rest']}"] = \
+                Stat(float(value), None, 0, (float(value),))
+    return out
+
+
 # ---------------------------------------------------------------------------- numerics --
 @dataclass(frozen=True)
 class Stat:
@@ -158,6 +215,11 @@ class Row:
     index: tuple[str, ...]                  # values of the table's index columns
     cells: dict[str, Stat]                  # Column.label -> statistic
     reference: str = ""                     # citation for a published row
+    kind: str = ""                          # "variant", "bound", "paper" ("": from reference)
+
+    @property
+    def row_kind(self) -> str:
+        return self.kind or ("paper" if self.reference else "variant")
 
 
 @dataclass
@@ -202,10 +264,32 @@ def _best_of_n_label(agg: Mapping[str, Mapping[str, Stat]], ds: str) -> str:
     return f"best-of-{ns.pop()}" if len(ns) == 1 else "best-of-N"
 
 
+def _bound_rows(bounds: Mapping[str, Mapping[str, Stat]] | None, names: Sequence[str],
+                index: Callable[[str], tuple[str, ...]], prefix: str | Sequence[tuple[str, Sequence[Column]]],
+                columns: Sequence[Column] = ()) -> list[Row]:
+    """Rows of the bounds ``names`` that have at least one cell. ``prefix``: one key prefix
+    for ``columns``, or (prefix, columns) pairs."""
+    parts = [(prefix, columns)] if isinstance(prefix, str) else list(prefix)
+    rows = []
+    for name in names:
+        stats = (bounds or {}).get(name)
+        if not stats:
+            continue
+        cells: dict[str, Stat] = {}
+        for pre, cols in parts:
+            cells.update(_cells(stats, pre, cols))
+        if cells:
+            rows.append(Row(index(BOUND_LABELS[name]), cells, kind="bound"))
+    return rows
+
+
 def image2pose_table(agg: Mapping[str, Mapping[str, Stat]], variants: Sequence[str] | None = None,
-                     paper: Sequence[PaperResult] | None = None) -> Table:
-    """Table 1: rows = variants (+ published rows), columns = MPJPE / PA-MPJPE per dataset."""
-    datasets = _datasets(agg, "image2pose", "mpjpe")
+                     paper: Sequence[PaperResult] | None = None,
+                     bounds: Mapping[str, Mapping[str, Stat]] | None = None) -> Table:
+    """Table 1: rows = bounds below, variants, bounds above, published rows; columns =
+    MPJPE / PA-MPJPE per dataset."""
+    datasets = _datasets({**agg, **{f"bound:{k}": v for k, v in (bounds or {}).items()}},
+                         "image2pose", "mpjpe")
     columns: list[Column] = []
     for ds in datasets:
         bon = _best_of_n_label(agg, ds)
@@ -216,43 +300,74 @@ def image2pose_table(agg: Mapping[str, Mapping[str, Stat]], variants: Sequence[s
                         Column(f"{_label(ds)} PA-MPJPE ({bon})", f"{ds}.best_of_n_pa_mpjpe")]
     table = Table("image2pose", "Table 1. Image-to-pose: MPJPE / PA-MPJPE (mm, lower is better; "
                   "LSP-14 joints, pelvis-aligned)", ("Method",), columns)
+    index = lambda label: (label,)
+    table.rows += _bound_rows(bounds, _FLOORS, index, "image2pose.", columns)
     for v in _ordered_variants(agg, variants):
-        table.rows.append(Row((v,), _cells(agg[v], "image2pose.", columns)))
+        table.rows.append(Row((v,), _cells(agg[v], "image2pose.", columns), kind="variant"))
+    table.rows += _bound_rows(bounds, _CEILINGS, index, "image2pose.", columns)
     for result in paper_rows("image2pose", datasets, paper):
         cells = {c.label: _paper_stat(result.metrics[c.key.split(".", 1)[1]]) for c in columns
                  if c.key.split(".", 1)[0] == result.dataset and c.key.split(".", 1)[1] in result.metrics}
-        table.rows.append(Row((f"{result.method} (paper)",), cells, reference=result.source))
+        table.rows.append(Row((f"{result.method} (paper)",), cells, reference=result.source,
+                              kind="paper"))
+    if any(r.kind == "bound" for r in table.rows):
+        table.notes.append(_BOUNDS_NOTE + " Image rows: the oracle predicts the ground-truth "
+                           "pose with the predictions' shape (eval.pred_betas).")
     return table
 
 
 _RECALL_COLUMNS = [Column(f"{d} R@{k}", f"{p}_R@{k}") for d, p in (("RT2P", "t2p"), ("RP2T", "p2t"))
                    for k in (5, 10, 20)] + [Column("mRecall", "mRecall")]
+# per dataset, not per protocol: the same generated poses (repeated on each protocol's row)
+_TEXT_ERROR_COLUMNS = [Column("MPJPE", "mpjpe"), Column("PA-MPJPE", "pa_mpjpe")]
 
 
 def text2pose_table(agg: Mapping[str, Mapping[str, Stat]], variants: Sequence[str] | None = None,
-                    paper: Sequence[PaperResult] | None = None) -> Table:
-    """Table 2: rows = (dataset, protocol, variant), columns = Recall@K (%) and mRecall."""
-    p1 = _datasets(agg, "text2pose", "protocol1.mRecall")
-    datasets = p1 + [d for d in _datasets(agg, "text2pose", "protocol2.mRecall") if d not in p1]
+                    paper: Sequence[PaperResult] | None = None,
+                    bounds: Mapping[str, Mapping[str, Stat]] | None = None) -> Table:
+    """Table 2: rows = (dataset, protocol, method), columns = Recall@K (%), mRecall and,
+    when the runs have them, MPJPE / PA-MPJPE (mm) of the generated poses."""
+    everything = {**agg, **{f"bound:{k}": v for k, v in (bounds or {}).items()}}
+    p1 = _datasets(everything, "text2pose", "protocol1.mRecall")
+    datasets = p1 + [d for d in _datasets(everything, "text2pose", "protocol2.mRecall")
+                     if d not in p1]
+    errors = [c for c in _TEXT_ERROR_COLUMNS
+              if any(re.match(rf"^text2pose\.[^.]+\.{c.key}$", k) for st in everything.values()
+                     for k in st)]
     table = Table("text2pose", "Table 2. Text-to-pose: Recall@K (%, higher is better) with the "
-                  "evaluator retrieval model", ("Dataset", "Protocol", "Method"),
-                  list(_RECALL_COLUMNS))
+                  "evaluator retrieval model" + ("; MPJPE / PA-MPJPE (mm, lower is better) of "
+                                                 "the generated pose against the caption's "
+                                                 "pose, root yaw removed" if errors else ""),
+                  ("Dataset", "Protocol", "Method"), list(_RECALL_COLUMNS) + errors)
     published = paper_rows("text2pose", datasets, paper)
     for ds in datasets:
         for protocol, plabel in _PROTOCOL_LABELS.items():
-            prefix = f"text2pose.{ds}.{protocol}."
+            parts = [(f"text2pose.{ds}.{protocol}.", _RECALL_COLUMNS), (f"text2pose.{ds}.", errors)]
+            index = lambda label: (_label(ds), plabel, label)
+            table.rows += _bound_rows(bounds, _FLOORS, index, parts)
             for v in _ordered_variants(agg, variants):
-                cells = _cells(agg[v], prefix, table.columns)
+                cells = {}
+                for pre, cols in parts:
+                    cells.update(_cells(agg[v], pre, cols))
                 if cells:
-                    table.rows.append(Row((_label(ds), plabel, v), cells))
+                    table.rows.append(Row((_label(ds), plabel, v), cells, kind="variant"))
+            table.rows += _bound_rows(bounds, _CEILINGS, index, parts)
             for result in published:
                 if result.dataset != ds:
                     continue
                 cells = {c.label: _paper_stat(result.metrics[f"{protocol}.{c.key}"])
-                         for c in table.columns if f"{protocol}.{c.key}" in result.metrics}
+                         for c in _RECALL_COLUMNS if f"{protocol}.{c.key}" in result.metrics}
+                cells.update({c.label: _paper_stat(result.metrics[c.key]) for c in errors
+                              if c.key in result.metrics})
                 if cells:
                     table.rows.append(Row((_label(ds), plabel, f"{result.method} (paper)"), cells,
-                                          reference=result.source))
+                                          reference=result.source, kind="paper"))
+    if errors:
+        table.notes.append("MPJPE / PA-MPJPE do not depend on the protocol (the same generated "
+                           "poses): they repeat on both protocols' rows.")
+    if any(r.kind == "bound" for r in table.rows):
+        table.notes.append(_BOUNDS_NOTE + " The mean pose gives every caption the same pose: "
+                           "its recall is at most chance (ties count against the query).")
     return table
 
 
@@ -281,12 +396,19 @@ _ABLATION_COLUMNS = [
 ]
 
 
+_FLOOR_GROUP, _CEILING_GROUP = "Floor (reference, not a model)", "Ceiling (reference, not a model)"
+
+
 def ablation_table(agg: Mapping[str, Mapping[str, Stat]],
-                   ablations: Sequence[Ablation] = ABLATIONS) -> Table:
-    """Table 3: one block of rows per ablation whose variants (at least two) have metrics."""
+                   ablations: Sequence[Ablation] = ABLATIONS,
+                   bounds: Mapping[str, Mapping[str, Stat]] | None = None) -> Table:
+    """Table 3: one block of rows per ablation whose variants (at least two) have metrics,
+    between a floor block (chance, mean pose) and a ceiling block (oracle) when ``bounds``."""
     table = Table("ablation", "Table 3. Ablations on the synthetic test split (MPJPE/PA-MPJPE "
                   "mm, lower is better; mRecall %, format rate %, text reward cosine, higher "
                   "is better)", ("Ablation", "Method"), list(_ABLATION_COLUMNS))
+    table.rows += _bound_rows(bounds, _FLOORS, lambda label: (_FLOOR_GROUP, label), "",
+                              table.columns)
     for ab in ablations:
         present = [v for v in ab.variants if v in agg]
         missing = [v for v in ab.variants if v not in agg]
@@ -297,7 +419,11 @@ def ablation_table(agg: Mapping[str, Mapping[str, Stat]],
         if missing:
             table.notes.append(f"{ab.title}: variants without metrics: {missing}")
         for v in present:
-            table.rows.append(Row((ab.title, v), _cells(agg[v], "", table.columns)))
+            table.rows.append(Row((ab.title, v), _cells(agg[v], "", table.columns), kind="variant"))
+    table.rows += _bound_rows(bounds, _CEILINGS, lambda label: (_CEILING_GROUP, label), "",
+                              table.columns)
+    if any(r.kind == "bound" for r in table.rows):
+        table.notes.append(_BOUNDS_NOTE)
     return table
 
 
@@ -320,11 +446,15 @@ def render_markdown(table: Table, descriptions: Mapping[str, str] | None = None)
              "|" + "|".join(align) + "|"]
     for row in table.rows:
         cells = [format_stat(row.cells.get(c.label), c) for c in table.columns]
-        lines.append("| " + " | ".join(list(row.index) + cells) + " |")
+        index = list(row.index)
+        if row.row_kind == "bound":         # italic: a bound, not a model
+            index[-1] = f"*{index[-1]}*"
+            cells = [f"*{c}*" if c != _MISSING else c for c in cells]
+        lines.append("| " + " | ".join(index + cells) + " |")
     refs = sorted({r.reference for r in table.rows if r.reference})
     if refs:
         lines += ["", "Published rows (paper): " + "; ".join(refs) + "."]
-    n = sorted({s.n for r in table.rows if not r.reference for s in r.cells.values()})
+    n = sorted({s.n for r in table.rows if r.row_kind == "variant" for s in r.cells.values()})
     if n:
         lines += ["", f"Seeds per cell: {', '.join(map(str, n))} (mean ± sample std over seeds "
                   "when more than one)."]
@@ -346,20 +476,29 @@ def table_frame(table: Table):
             rec[f"{c.label} std"] = None if stat is None or stat.std is None else stat.std * c.scale
             rec[f"{c.label} n"] = 0 if stat is None else stat.n
         rec["reference"] = row.reference
+        rec["kind"] = row.row_kind
         records.append(rec)
     columns = list(table.index_names) + [x for c in table.columns
                                          for x in (c.label, f"{c.label} std", f"{c.label} n")]
-    return pd.DataFrame.from_records(records, columns=columns + ["reference"])
+    return pd.DataFrame.from_records(records, columns=columns + ["reference", "kind"])
 
 
-def _long_frame(agg: Mapping[str, Mapping[str, Stat]], variants: Sequence[str] | None):
+def _long_frame(agg: Mapping[str, Mapping[str, Stat]], variants: Sequence[str] | None,
+                bounds: Mapping[str, Mapping[str, Stat]] | None = None):
+    """One row per (variant, metric); then the bounds (variant = the bound's row label,
+    kind = bound, n_seeds = 0)."""
     import pandas as pd
 
-    records = [{"variant": v, "metric": k, "mean": s.mean, "std": s.std, "n_seeds": s.n,
-                "values": " ".join(f"{x:.6g}" for x in s.values)}
+    def record(name, key, s, kind):
+        return {"variant": name, "metric": key, "mean": s.mean, "std": s.std, "n_seeds": s.n,
+                "values": " ".join(f"{x:.6g}" for x in s.values), "kind": kind}
+
+    records = [record(v, k, s, "variant")
                for v in _ordered_variants(agg, variants) for k, s in sorted(agg[v].items())]
+    records += [record(BOUND_LABELS[b], k, s, "bound") for b in (*_FLOORS, *_CEILINGS)
+                for k, s in sorted((bounds or {}).get(b, {}).items())]
     return pd.DataFrame.from_records(records, columns=["variant", "metric", "mean", "std",
-                                                       "n_seeds", "values"])
+                                                       "n_seeds", "values", "kind"])
 
 
 def _csv_text(frame) -> str:
@@ -368,7 +507,8 @@ def _csv_text(frame) -> str:
 
 def build_tables(metrics_paths: Iterable[str | os.PathLike], out_paths: Mapping[str, str | os.PathLike],
                  variants: Mapping[str, str] | None = None, include_paper_numbers: bool = True,
-                 paper: Sequence[PaperResult] | None = None) -> dict[str, Table]:
+                 paper: Sequence[PaperResult] | None = None,
+                 reference: str | os.PathLike | None = None) -> dict[str, Table]:
     """Read the runs, write every file of :data:`TABLE_FILES` (atomically), return the tables.
 
     Args:
@@ -376,6 +516,8 @@ def build_tables(metrics_paths: Iterable[str | os.PathLike], out_paths: Mapping[
         out_paths: ``{"main_md": ..., "main_csv": ..., "image2pose_md": ..., ...}``.
         variants: variant name -> description (config order; descriptions listed in main.md).
         paper: published rows (default :data:`poserft.eval.paper_results.PAPER_RESULTS`).
+        reference: ``results/reference/metrics.json`` (rule evaluate_reference): adds the
+            floor and ceiling rows (:data:`BOUND_LABELS`) to every table; None: no bounds.
     """
     missing = [k for k in TABLE_FILES if k not in out_paths]
     if missing:
@@ -384,11 +526,12 @@ def build_tables(metrics_paths: Iterable[str | os.PathLike], out_paths: Mapping[
     if not runs:
         raise MetricsFileError("build_tables: no metrics.json given; run the evaluate rule first")
     agg = aggregate_runs(runs)
+    bounds = reference_stats(load_reference(reference)) if reference is not None else None
     order = list(variants or {})
     published = paper if include_paper_numbers else []   # None: the recorded PAPER_RESULTS
-    tables = {"image2pose": image2pose_table(agg, order, published),
-              "text2pose": text2pose_table(agg, order, published),
-              "ablation": ablation_table(agg)}
+    tables = {"image2pose": image2pose_table(agg, order, published, bounds),
+              "text2pose": text2pose_table(agg, order, published, bounds),
+              "ablation": ablation_table(agg, bounds=bounds)}
     for name, table in tables.items():
         write_text(out_paths[f"{name}_md"], render_markdown(table))
         write_text(out_paths[f"{name}_csv"], _csv_text(table_frame(table)))
@@ -396,10 +539,14 @@ def build_tables(metrics_paths: Iterable[str | os.PathLike], out_paths: Mapping[
     parts = ["# Results", "",
              f"{len(runs)} runs: {len(agg)} variants x seeds {seeds}. Cells: mean ± sample std "
              "over seeds (ddof=1) when a variant has more than one seed.", ""]
+    if bounds:
+        parts += ["Every table brackets the variants between bounds (italic rows, from "
+                  f"{Path(reference).as_posix()}): *chance* and *mean pose (floor)* above "
+                  "them, *oracle (GT poses)* below them.", ""]
     if variants:
         parts += ["| Variant | Description |", "|---|---|"]
         parts += [f"| {v} | {d} |" for v, d in variants.items()] + [""]
     parts += [render_markdown(t) for t in tables.values()]
     write_text(out_paths["main_md"], "\n".join(parts))
-    write_text(out_paths["main_csv"], _csv_text(_long_frame(agg, order)))
+    write_text(out_paths["main_csv"], _csv_text(_long_frame(agg, order, bounds)))
     return tables

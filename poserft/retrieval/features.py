@@ -14,7 +14,7 @@ from poserft.body.posevec import POSE_DIM
 from poserft.body.rotations import matrix_to_rot6d, rot6d_to_matrix
 
 __all__ = ["NUM_RETRIEVAL_JOINTS", "FEATURE_DIM", "yaw_angle", "rotation_about_y",
-           "remove_root_yaw", "retrieval_pose_features"]
+           "remove_root_yaw", "pose6d_without_root_yaw", "retrieval_pose_features"]
 
 NUM_RETRIEVAL_JOINTS = 22
 FEATURE_DIM = NUM_RETRIEVAL_JOINTS * 6
@@ -46,6 +46,20 @@ def remove_root_yaw(root_rotmat: torch.Tensor) -> torch.Tensor:
     Result is invariant to world yaw: ``remove_root_yaw(R_y(phi) @ R) == remove_root_yaw(R)``.
     """
     return rotation_about_y(-yaw_angle(root_rotmat)) @ root_rotmat
+
+
+def pose6d_without_root_yaw(pose_vec6d: torch.Tensor) -> torch.Tensor:
+    """(B, 144) pose vectors -> the same poses with the root's twist about +y removed.
+
+    The canonical frame of text->pose targets (a caption never says which way the body
+    faces). Only joint 0 changes (re-orthonormalised through ``rot6d_to_matrix``); the
+    other joints' 6D values are returned untouched. Idempotent.
+    """
+    if pose_vec6d.dim() != 2 or pose_vec6d.shape[-1] != POSE_DIM:
+        raise ValueError(f"pose vectors must have shape (B, {POSE_DIM}), got "
+                         f"{tuple(pose_vec6d.shape)}")
+    root = matrix_to_rot6d(remove_root_yaw(rot6d_to_matrix(pose_vec6d[:, :6])))
+    return torch.cat([root.to(pose_vec6d.dtype), pose_vec6d[:, 6:]], dim=-1)
 
 
 def retrieval_pose_features(pose_vec6d: torch.Tensor) -> torch.Tensor:
