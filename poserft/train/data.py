@@ -157,11 +157,23 @@ class SFTTaskData:
     def batch(self, step: int, micro: int, batch_size: int) -> dict:
         return self.collate(self.sample(step, micro, batch_size))
 
-    def mean_pose6d(self) -> torch.Tensor:
-        """(144,) mean 6D target over the pose tasks' rows (the 'mean pose' baseline)."""
-        parts = []
-        if "text2pose" in self.tasks:
-            parts.append(self.text_pose6d[torch.as_tensor(self.caption_pose)])
-        if "image2pose" in self.tasks:
-            parts.append(self.image_pose6d)
+    def task_targets(self, task: str) -> torch.Tensor:
+        """(n,144) 6D targets of every example of a pose task (text2pose: one per caption,
+        canonical frame, yaw removed when configured; image2pose: camera frame)."""
+        if task == "text2pose":
+            return self.text_pose6d[torch.as_tensor(self.caption_pose)]
+        if task == "image2pose":
+            return self.image_pose6d
+        raise ValueError(f"task_targets: {task!r} has no pose targets")
+
+    def mean_pose6d(self, task: str | None = None) -> torch.Tensor:
+        """(144,) mean 6D target of one pose task (its 'mean pose' floor), or, with
+        ``task=None``, over the rows of every pose task in the mix (the head's initial bias).
+
+        The two tasks' targets live in different frames (text: canonical, yaw removed;
+        image: camera frame), so only the per-task mean is a fair floor for that task.
+        """
+        if task is not None:
+            return self.task_targets(task).mean(0)
+        parts = [self.task_targets(t) for t in ("text2pose", "image2pose") if t in self.tasks]
         return torch.cat(parts).mean(0) if parts else self.pose6d.mean(0)

@@ -49,8 +49,8 @@ def mpjpe_mm(body, pred6d: torch.Tensor, gt6d: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quick_eval(policy, data, mean_pose6d: torch.Tensor, n: int, max_new_tokens: int = 24,
-               batch_size: int = 32) -> dict:
+def quick_eval(policy, data, mean_pose6d: dict[str, torch.Tensor], n: int,
+               max_new_tokens: int = 24, batch_size: int = 32) -> dict:
     """Greedy generations on the first ``n`` examples of each task of ``data`` (SFTTaskData).
 
     A quick check at the end of SFT, not the paper's protocol (that is ``poserft.eval``):
@@ -58,7 +58,8 @@ def quick_eval(policy, data, mean_pose6d: torch.Tensor, n: int, max_new_tokens: 
     ``{task}/pose_valid_rate`` (contains <POSE>), and over rows with a <POSE>:
     ``{task}/mpjpe_mm`` (root-aligned, 24 SMPL joints) and ``{task}/pa_mpjpe_mm``
     (Procrustes-aligned), each with the ``mean_pose_`` baseline (the training split's mean
-    6D pose predicted for every row); ``image2text/exact_match``.
+    6D pose of THAT task, ``mean_pose6d[task]``, predicted for every row);
+    ``image2text/exact_match``.
     """
     from poserft.eval.metrics import mpjpe, pa_mpjpe
     policy.eval()
@@ -87,7 +88,8 @@ def quick_eval(policy, data, mean_pose6d: torch.Tensor, n: int, max_new_tokens: 
         out[f"{task}/n"] = float(m)
         if valid.any():
             gt = fk_joints(body, data.collate(exs)["poses"][valid])
-            guesses = {"": pred[valid], "mean_pose_": mean_pose6d.cpu().expand(int(valid.sum()), -1)}
+            guesses = {"": pred[valid],
+                       "mean_pose_": mean_pose6d[task].cpu().expand(int(valid.sum()), -1)}
             for prefix, vec in guesses.items():
                 joints = fk_joints(body, vec)
                 out[f"{task}/{prefix}mpjpe_mm"] = float(mpjpe(joints, gt, root=0).mean())
@@ -172,7 +174,8 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
     if engine.is_main and sft_cfg.eval_samples and split_paths.get("val"):
         val = SFTTaskData(split_paths["val"], policy.config, sft_cfg.task_weights, sft_cfg.engine.seed,
                           text2pose_remove_yaw=sft_cfg.text2pose_remove_yaw)
-        results = quick_eval(policy, val, mean_pose, sft_cfg.eval_samples, sft_cfg.max_new_tokens)
+        task_means = {t: data.mean_pose6d(t) for t in ("text2pose", "image2pose") if t in data.tasks}
+        results = quick_eval(policy, val, task_means, sft_cfg.eval_samples, sft_cfg.max_new_tokens)
         engine.log(results, prefix="val/")
         summary.update({f"val/{k}": v for k, v in results.items()})
     if engine.is_main:
