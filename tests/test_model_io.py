@@ -65,15 +65,17 @@ def test_fusion_separate_is_sum_of_projections_and_concat_init():
 
 # ----------------------------------------------------------------------------- vision
 
-def test_pose_vit_checkpoint_roundtrip_and_errors(tmp_path):
+@pytest.mark.parametrize("arch, grid", [("vitpose", (2, 2)), ("conv", (8, 8))])
+def test_pose_vit_checkpoint_roundtrip_and_errors(tmp_path, arch, grid):
     from poserft.model.config import PoseViTConfig
     from poserft.model.vision import PoseEncoderCheckpointError, build_pose_vit, save_pose_vit
-    cfg = PoseViTConfig(image_size=16, patch_size=8, hidden_size=16, num_layers=1, num_heads=2)
+    cfg = PoseViTConfig(arch=arch, image_size=16, patch_size=8, hidden_size=16, num_layers=1,
+                        num_heads=2, conv_width=4)
     enc = build_pose_vit(cfg)
-    assert enc.grid == (2, 2)
+    assert enc.grid == grid
     x = torch.rand(2, 3, 16, 16)
     out = enc(x)
-    assert out.shape == (2, 4, 16)
+    assert out.shape == (2, grid[0] * grid[1], 16)
     save_pose_vit(enc, tmp_path / "enc")
     again = build_pose_vit(PoseViTConfig(checkpoint=str(tmp_path / "enc")))
     torch.testing.assert_close(again(x), out)

@@ -1,14 +1,15 @@
 """Config sections of the pose MLLM (``model:``) and of the pose-aware ViT (``pose_encoder:``).
 
 Stdlib-only (the Snakefile imports this at parse time). Defaults are the tiny embedded
-world: 64x64 images, a 2-layer CLIP, a 2-layer ViTPose-style encoder and a 2-layer
-Llama-style LLM, all randomly initialised. Paper-scale values (a LLaVA-1.5 checkpoint,
-ViTPose-B weights) belong in ``configs/paper.yaml``.
+world: 64x64 images, a 2-layer CLIP and a 2-layer Llama-style LLM (random, CLIP frozen) and
+a 4-block conv pose encoder pretrained on pose estimation by the pretrain_pose_encoder
+stage. Paper-scale values (a LLaVA-1.5 checkpoint, ViTPose-B weights) belong in
+``configs/paper.yaml``.
 
-Architecture of the pose-aware ViT lives in one place, :class:`PoseViTConfig`, which is
+Architecture of the pose-aware encoder lives in one place, :class:`PoseViTConfig`, which is
 nested both in ``model.pose_vit`` (what the MLLM builds) and in ``pose_encoder.vit`` (what
-the optional pretraining stage trains). When pretraining runs, the workflow passes its
-output directory as ``model.pose_vit.checkpoint``; the architecture then comes from the
+the pretraining stage trains). When pretraining runs, the workflow passes its output
+directory as ``model.pose_vit.checkpoint``; the architecture then comes from the
 checkpoint's ``config.json`` and the size fields here are ignored.
 """
 
@@ -28,21 +29,44 @@ POSE_TOKEN = "<POSE>"
 
 @dataclass
 class PoseViTConfig(Section):
-    """Pose-aware ViT (transformers VitPoseBackbone): architecture or a checkpoint."""
+    """Pose-aware encoder: a ViTPose-style ViT (transformers VitPoseBackbone) or, for CPU-sized
+    worlds, a small conv net with the same token interface; architecture or a checkpoint."""
 
     checkpoint: str | None = option(
-        None, "Directory of a VitPoseBackbone (config.json + model.safetensors), e.g. the "
-              "output of pretrain_pose_encoder or converted ViTPose weights. null: random init "
-              "from the size fields below.")
+        None, "Directory of a pose encoder (config.json + model.safetensors): the output of "
+              "pretrain_pose_encoder, or converted ViTPose weights (a VitPoseBackbone). null: "
+              "random init from the fields below.")
+    arch: str = option(
+        "conv", "vitpose: transformers VitPoseBackbone (ViTPose checkpoints; paper scale). conv: "
+        "stride-2 conv blocks whose last feature map gives the tokens, each plus a global "
+        "embedding of the whole image (docs/embedded_world.md: a ViT from scratch does not "
+        "learn image->pose from 2000 images in CPU minutes; this does).",
+        choices=("vitpose", "conv"))
     image_size: int = option(64, "Input image side (pixels); images are resized to it.", minimum=8)
-    patch_size: int = option(8, "Patch side (pixels); > 4 because the ViTPose patch conv pads by 2.",
-                             minimum=5)
-    hidden_size: int = option(64, "Transformer width.", minimum=8)
-    num_layers: int = option(2, "Transformer layers.", minimum=1)
-    num_heads: int = option(4, "Attention heads (must divide hidden_size).", minimum=1)
-    mlp_ratio: int = option(2, "MLP width / hidden_size.", minimum=1)
+    patch_size: int = option(8, "vitpose: patch side (pixels); > 4 because the ViTPose patch conv "
+                             "pads by 2.", minimum=5)
+    hidden_size: int = option(128, "Token width (vitpose: transformer width; conv: output width).",
+                              minimum=8)
+    num_layers: int = option(4, "vitpose: transformer layers; conv: stride-2 conv blocks (token "
+                             "grid side = image_size / 2^num_layers).", minimum=1)
+    num_heads: int = option(4, "vitpose: attention heads (must divide hidden_size).", minimum=1)
+    mlp_ratio: int = option(2, "vitpose: MLP width / hidden_size.", minimum=1)
+    conv_width: int = option(32, "conv: channels of the first block, doubled per block up to "
+                             "hidden_size.", minimum=4)
+
+    @property
+    def grid_side(self) -> int:
+        """Side of the token grid."""
+        if self.arch == "conv":
+            return self.image_size // (2 ** self.num_layers)
+        return self.image_size // self.patch_size
 
     def check(self, where: str) -> None:
+        if self.arch == "conv":
+            if self.image_size % (2 ** self.num_layers):
+                raise ConfigError(f"{where}.image_size ({self.image_size}) must be divisible by "
+                                  f"2^{where}.num_layers (2^{self.num_layers}) for arch=conv")
+            return
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{where}.hidden_size ({self.hidden_size}) must be divisible by "
                               f"{where}.num_heads ({self.num_heads})")
@@ -61,11 +85,12 @@ class ModelConfig(Section):
               "from the sizes below (the embedded world). Hubs are unreachable offline: use a "
               "local path.")
     # --- tiny text model (ignored when checkpoint is set)
-    text_hidden_size: int = option(128, "LLM width (tiny model).", minimum=8)
+    text_hidden_size: int = option(64, "LLM width (tiny model; 64 learnt image->pose faster than "
+                                   "128 per CPU minute, docs/embedded_world.md).", minimum=8)
     text_layers: int = option(2, "LLM decoder layers (tiny model).", minimum=1)
     text_heads: int = option(4, "LLM attention heads (tiny model).", minimum=1)
     text_kv_heads: int = option(4, "LLM key/value heads (tiny model; divides text_heads).", minimum=1)
-    text_intermediate_size: int = option(256, "LLM MLP width (tiny model).", minimum=8)
+    text_intermediate_size: int = option(128, "LLM MLP width (tiny model).", minimum=8)
     max_positions: int = option(512, "LLM maximum sequence length (tiny model).", minimum=16)
     # --- tiny CLIP vision tower (ignored when checkpoint is set)
     clip_image_size: int = option(64, "CLIP input side (tiny model); images are resized to it.", minimum=8)
@@ -83,7 +108,11 @@ class ModelConfig(Section):
         "2-layer MLP (W_a, W_b), pose tokens resampled to the CLIP grid, then summed "
         "token-wise; concat: features concatenated channel-wise then ONE projector; "
         "clip_only: no pose encoder.", choices=("separate", "concat", "clip_only"))
-    freeze_vision: bool = option(False, "Freeze both vision encoders (projectors still train).")
+    freeze_vision: bool = option(
+        True, "Freeze both vision encoders (projectors still train), as LLaVA-1.5 freezes CLIP. "
+              "The embedded world's pose encoder comes pretrained on pose estimation "
+              "(pretrain_pose_encoder); fine-tuning it at the SFT learning rate was measured "
+              "to lose what it learnt (docs/embedded_world.md).")
     # --- pose head
     head: str = option("gaussian", "Pose head on the <POSE> hidden state: gaussian "
                        "(distribution over the 144-D 6D pose) or deterministic (the 'no Dist.' "
@@ -136,27 +165,38 @@ class ModelConfig(Section):
 
 @dataclass
 class PoseEncoderConfig(Section):
-    """Optional pretraining of the pose-aware ViT on 2D keypoints (heatmap regression)."""
+    """Pretraining of the pose-aware encoder on pose estimation: 2D keypoint heatmaps and the
+    3D pose (camera frame) read from the mean of its tokens."""
 
-    enabled: bool = option(False, "Run this optional stage. The workflow then passes its output "
+    enabled: bool = option(True, "Run this stage. The workflow then passes its output "
                            "directory to the MLLM as model.pose_vit.checkpoint (the architecture "
                            "comes from there).")
     vit: PoseViTConfig = option(PoseViTConfig(), "Architecture of the encoder to pretrain "
                                 "(its `checkpoint` is a warm start; null = random init).")
-    steps: int = option(600, "Optimizer steps.", minimum=0)
+    steps: int = option(1500, "Optimizer steps.", minimum=0)
     batch_size: int = option(32, "Images per step.", minimum=1)
     lr: float = option(3e-3, "AdamW peak learning rate (one-cycle schedule).", exclusive_minimum=0.0)
     weight_decay: float = option(0.01, "AdamW weight decay.", minimum=0.0)
     heatmap_stride: int = option(4, "Pixels per heatmap cell (heatmap side = image_size / stride); "
-                                 "divides vit.patch_size.", minimum=1)
+                                 "divides the token cell side (image_size / grid side).", minimum=1)
+    heatmap_weight: float = option(1.0, "Weight of the 2D keypoint heatmap loss.", minimum=0.0)
+    pose_weight: float = option(
+        1.0, "Weight of the 3D pose loss (6D MSE + mean joint distance in metres, both joint "
+             "frames) of a small head on the mean of the encoder's tokens; the pose tokens then "
+             "carry the pose in a form the MLLM reads from the start. 0: heatmaps only.",
+        minimum=0.0)
     heatmap_sigma: float = option(1.5, "Gaussian blob std in heatmap cells.", exclusive_minimum=0.0)
-    val_samples: int = option(128, "Validation images scored at the end (mean keypoint error, pixels).", minimum=0)
+    val_samples: int = option(200, "Validation images scored at the end (mean keypoint error, pixels; "
+                              "3D pose MPJPE / PA-MPJPE of the pretraining head).", minimum=0)
     num_threads: int = option(1, "torch intra-op CPU threads (0: torch's default); 1 is fastest "
                               "for the tiny encoder on a shared machine.", minimum=0)
     seed: int = option(0, "Seed (init, batch order).")
 
     def check(self, where: str) -> None:
-        if self.vit.patch_size % self.heatmap_stride:
-            raise ConfigError(f"{where}.vit.patch_size ({self.vit.patch_size}) must be a multiple "
-                              f"of {where}.heatmap_stride ({self.heatmap_stride}): each patch "
-                              "token is unfolded into (patch/stride)^2 heatmap cells")
+        cell = self.vit.image_size // self.vit.grid_side
+        if cell % self.heatmap_stride:
+            raise ConfigError(f"{where}.heatmap_stride ({self.heatmap_stride}) must divide the "
+                              f"token cell side ({cell} px = {where}.vit.image_size / grid side): "
+                              "each token is unfolded into (cell/stride)^2 heatmap cells")
+        if self.heatmap_weight == 0 and self.pose_weight == 0:
+            raise ConfigError(f"{where}: heatmap_weight and pose_weight are both 0; nothing to train")

@@ -68,6 +68,8 @@ def save_policy(model, out_dir: str | os.PathLike, state_dict: dict | None = Non
     """
     from safetensors.torch import save_file
 
+    from poserft.model.vision import pose_encoder_config
+
     dest = Path(out_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -79,7 +81,7 @@ def save_policy(model, out_dir: str | os.PathLike, state_dict: dict | None = Non
         meta = {"format": POLICY_FORMAT, "version": POLICY_VERSION,
                 "model": model.config.to_dict(),
                 "llava_config": model.backbone.config.to_dict(),
-                "pose_vit_config": None if enc is None else enc.backbone.config.to_dict(),
+                "pose_vit_config": None if enc is None else pose_encoder_config(enc),
                 "vocab_size": len(model.tokenizer)}
         (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str))
         model.tokenizer.save_pretrained(str(tmp))
@@ -107,11 +109,10 @@ def resolve_policy_dir(path: str | os.PathLike) -> Path:
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a :class:`~poserft.model.policy.PoseMLLM` from a policy directory."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, \
-        VitPoseBackbone, VitPoseBackboneConfig
+    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
     from poserft.model.policy import PoseMLLM
-    from poserft.model.vision import PoseViTEncoder
+    from poserft.model.vision import pose_encoder_from_config
 
     d = resolve_policy_dir(path)
     for name in _FILES:
@@ -134,7 +135,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu"):
     backbone = LlavaForConditionalGeneration(LlavaConfig.from_dict(meta["llava_config"]))
     encoder = None
     if meta["pose_vit_config"] is not None:
-        encoder = PoseViTEncoder(VitPoseBackbone(VitPoseBackboneConfig.from_dict(meta["pose_vit_config"])))
+        encoder = pose_encoder_from_config(meta["pose_vit_config"])
     model = PoseMLLM(cfg, tokenizer, backbone, encoder)
     state = load_file(str(d / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,9 +1,16 @@
-"""Optional stage: pretrain the pose-aware ViT on 2D keypoints (ViTPose-style heatmaps).
+"""Stage pretrain_pose_encoder: the pose-aware encoder pretrained on pose estimation.
 
-The encoder's patch tokens (B, h*w, C) go through a linear "pixel-shuffle" head to 24
-keypoint heatmaps at ``image_size / heatmap_stride`` resolution; the target is a Gaussian
-blob (``heatmap_sigma`` cells) at each keypoint, the loss the mean squared error over
-keypoints inside the image. Only the encoder is kept; the head is a training device.
+Two heads, both training devices (only the encoder is kept):
+
+* 2D keypoints (ViTPose-style): the tokens (B, h*w, C) go through a linear "pixel-shuffle"
+  head to 24 keypoint heatmaps at ``image_size / heatmap_stride`` resolution; the target is
+  a Gaussian blob (``heatmap_sigma`` cells) at each keypoint, the loss the mean squared
+  error over keypoints inside the image.
+* 3D pose: the MEAN of the tokens through a small MLP to the 144-D 6D pose in the camera
+  frame; loss = 6D MSE + mean joint distance (metres) through the body model's FK, with
+  and without the root rotation. Reading the mean is deliberate: an untrained LLM's
+  attention is close to uniform, so what the mean of the tokens carries is what the MLLM
+  can use from its first SFT step.
 
 ``pretrain_pose_encoder(cfg, split_paths, out_dir, tracker)`` writes ``out_dir`` atomically:
 ``config.json`` + ``model.safetensors`` (a HF VitPoseBackbone, loadable by
@@ -25,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from poserft.model.config import PoseEncoderConfig
-from poserft.model.vision import PoseViTEncoder, build_pose_vit, save_pose_vit
+from poserft.model.vision import build_pose_vit, save_pose_vit
 
-__all__ = ["pretrain_pose_encoder", "gaussian_heatmaps", "soft_argmax", "HeatmapHead"]
+__all__ = ["pretrain_pose_encoder", "gaussian_heatmaps", "soft_argmax", "HeatmapHead",
+           "PoseReadout", "pose_regression_loss"]
 
 
 def gaussian_heatmaps(keypoints: torch.Tensor, size: tuple[int, int], stride: int,
@@ -96,7 +104,37 @@ class HeatmapHead(nn.Module):
         return F.pixel_shuffle(x, self.u)
 
 
-def _load_split(path) -> tuple[np.ndarray, np.ndarray]:
+class PoseReadout(nn.Module):
+    """Tokens (B, N, C) -> (B, 144) 6D pose from their mean (MLP; bias starts at ``init``)."""
+
+    def __init__(self, dim: int, init: torch.Tensor, hidden: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, init.numel()))
+        with torch.no_grad():
+            self.mlp[-1].weight.mul_(0.01)
+            self.mlp[-1].bias.copy_(init)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(tokens.mean(1))
+
+
+def pose_regression_loss(body, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """6D MSE + mean joint distance (metres) of FK with and without the root rotation.
+
+    pred, target: (B,144) 6D poses -> scalar.
+    """
+    from poserft.body import vec6d_to_rotmats
+    rp, rt = vec6d_to_rotmats(pred.float()), vec6d_to_rotmats(target.float())
+    eye = torch.eye(3, dtype=rp.dtype, device=rp.device).expand(rp.shape[0], 1, 3, 3)
+    glob = (body.forward_rotmats(rp) - body.forward_rotmats(rt)).norm(dim=-1).mean()
+    local = (body.forward_rotmats(torch.cat([eye, rp[:, 1:]], 1))
+             - body.forward_rotmats(torch.cat([eye, rt[:, 1:]], 1))).norm(dim=-1).mean()
+    return F.mse_loss(pred, target) + 0.5 * (glob + local)
+
+
+def _load_split(path) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """-> images (N,H,W,3) uint8, keypoints (N,24,2), camera-frame 6D poses (N,144)."""
+    from poserft.body import smpl_to_vec6d
     from poserft.data.h5io import SplitReader
     with SplitReader(path) as r:
         for key in ("images", "keypoints2d"):
@@ -104,7 +142,12 @@ def _load_split(path) -> tuple[np.ndarray, np.ndarray]:
                 raise ValueError(f"{path}: pretrain_pose_encoder needs '/{key}' (rendered images with "
                                  "2D keypoints); disable the pretrain_pose_encoder stage for "
                                  "datasets without them")
-        return np.asarray(r.read("images")), np.asarray(r.read("keypoints2d"), dtype=np.float32)
+        poses = r.poses()
+        orient = (np.asarray(r.read("image_pose/global_orient")) if r.has("image_pose/global_orient")
+                  else np.asarray(poses["global_orient"]))
+        vec = smpl_to_vec6d(torch.as_tensor(orient, dtype=torch.float32),
+                            torch.as_tensor(np.asarray(poses["body_pose"]), dtype=torch.float32))
+        return np.asarray(r.read("images")), np.asarray(r.read("keypoints2d"), dtype=np.float32), vec
 
 
 def _batch(images: np.ndarray, kps: np.ndarray, idx: np.ndarray, size: int):
@@ -114,9 +157,41 @@ def _batch(images: np.ndarray, kps: np.ndarray, idx: np.ndarray, size: int):
     return img, torch.from_numpy(kps[idx] * scale)
 
 
+@torch.no_grad()
+def _validate(encoder, head, readout, body, val_path, cfg: PoseEncoderConfig, mean_kp: np.ndarray,
+              mean_pose: torch.Tensor, size: int, hm_size: tuple[int, int]) -> dict:
+    """Val keypoint error (px) and 3D pose error (mm, 24 joints, root-aligned; PA) of the
+    pretraining heads, each beside the train-mean baseline."""
+    from poserft.body import vec6d_to_rotmats
+    from poserft.eval.metrics import mpjpe, pa_mpjpe
+    v_img, v_kps, v_poses = _load_split(val_path)
+    n = min(cfg.val_samples, len(v_img))
+    encoder.eval()
+    img, kp = _batch(v_img, v_kps, np.arange(n), size)
+    tokens = encoder(img)
+    pred = soft_argmax(head(tokens), cfg.heatmap_stride)
+    _, vis = gaussian_heatmaps(kp, hm_size, cfg.heatmap_stride, cfg.heatmap_sigma)
+    base = (torch.from_numpy(mean_kp).expand_as(kp) - kp).norm(dim=-1)
+    out = {"val_n": n, "val_mean_kp_baseline_px": float(base[vis].mean())}
+    if cfg.heatmap_weight:
+        out["val_kp_error_px"] = float((pred - kp).norm(dim=-1)[vis].mean())
+
+    def joints(vec):
+        return body.forward_rotmats(vec6d_to_rotmats(vec.float()))
+    gt = joints(v_poses[:n])
+    guesses = {"mean_pose_": mean_pose.expand(n, -1)}
+    if cfg.pose_weight:
+        guesses[""] = readout(tokens)
+    for prefix, vec in guesses.items():
+        j = joints(vec)
+        out[f"val_{prefix}mpjpe_mm"] = float(mpjpe(j, gt, root=0).mean())
+        out[f"val_{prefix}pa_mpjpe_mm"] = float(pa_mpjpe(j, gt).mean())
+    return out
+
+
 def pretrain_pose_encoder(cfg: PoseEncoderConfig | dict | None, split_paths: dict[str, str],
                           out_dir: str | os.PathLike, tracker=None) -> dict:
-    """Train the pose ViT on heatmaps from ``split_paths['train']``; evaluate on 'val'."""
+    """Train the pose encoder on ``split_paths['train']`` (heatmaps + 3D pose); score 'val'."""
     from tqdm.auto import tqdm
 
     if not isinstance(cfg, PoseEncoderConfig):
@@ -126,51 +201,55 @@ def pretrain_pose_encoder(cfg: PoseEncoderConfig | dict | None, split_paths: dic
         tracker = NullTracker()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    images, kps = _load_split(split_paths["train"])
+    from poserft.body import load as load_body
+    images, kps, poses = _load_split(split_paths["train"])
+    body = load_body(None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        encoder: PoseViTEncoder = build_pose_vit(cfg.vit)
+        encoder = build_pose_vit(cfg.vit)
         size = encoder.image_size[0]
-        head = HeatmapHead(encoder.hidden_size, encoder.grid, cfg.vit.patch_size // cfg.heatmap_stride)
+        cell = size // encoder.grid[0]
+        head = HeatmapHead(encoder.hidden_size, encoder.grid, cell // cfg.heatmap_stride)
+        readout = PoseReadout(encoder.hidden_size, poses.mean(0))
     hm_size = (encoder.grid[0] * head.u, encoder.grid[1] * head.u)
-    params = list(encoder.parameters()) + list(head.parameters())
+    params = list(encoder.parameters()) + list(head.parameters()) + list(readout.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.steps),
                                                 pct_start=0.1)
     rng = np.random.default_rng(cfg.seed)
     encoder.train()
-    loss_val = float("nan")
-    for step in tqdm(range(cfg.steps), desc="pretrain_pose_encoder", dynamic_ncols=True):
+    losses = {"heatmap_loss": float("nan"), "pose_loss": float("nan")}
+    for step in tqdm(range(cfg.steps), desc="pretrain_pose_encoder", dynamic_ncols=True,
+                     mininterval=5.0):
         idx = rng.integers(0, len(images), size=cfg.batch_size)
         img, kp = _batch(images, kps, idx, size)
-        target, vis = gaussian_heatmaps(kp, hm_size, cfg.heatmap_stride, cfg.heatmap_sigma)
-        pred = head(encoder(img))
-        per_kp = ((pred - target) ** 2).mean((-1, -2))                       # (B,K)
-        loss = (per_kp * vis).sum() / vis.sum().clamp(min=1) * 100.0         # x100: readable scale
+        tokens = encoder(img)
+        loss = torch.zeros(())
+        if cfg.heatmap_weight:
+            target, vis = gaussian_heatmaps(kp, hm_size, cfg.heatmap_stride, cfg.heatmap_sigma)
+            per_kp = ((head(tokens) - target) ** 2).mean((-1, -2))          # (B,K)
+            hm = (per_kp * vis).sum() / vis.sum().clamp(min=1) * 100.0       # x100: readable scale
+            loss = loss + cfg.heatmap_weight * hm
+            losses["heatmap_loss"] = hm.item()
+        if cfg.pose_weight:
+            pl = pose_regression_loss(body, readout(tokens), poses[torch.as_tensor(idx)])
+            loss = loss + cfg.pose_weight * pl
+            losses["pose_loss"] = pl.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        loss_val = loss.item()
         if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
-            tracker.log_metrics({"pretrain/heatmap_loss": loss_val}, step=step + 1)
+            tracker.log_metrics({f"pretrain/{k}": v for k, v in losses.items() if v == v},
+                                step=step + 1)
 
-    metrics = {"steps": cfg.steps, "final_heatmap_loss": loss_val}
+    metrics = {"steps": cfg.steps, **{f"final_{k}": v for k, v in losses.items()}}
     if cfg.val_samples and split_paths.get("val"):
-        v_img, v_kps = _load_split(split_paths["val"])
-        n = min(cfg.val_samples, len(v_img))
-        encoder.eval()
-        with torch.no_grad():
-            img, kp = _batch(v_img, v_kps, np.arange(n), size)
-            pred = soft_argmax(head(encoder(img)), cfg.heatmap_stride)
-            _, vis = gaussian_heatmaps(kp, hm_size, cfg.heatmap_stride, cfg.heatmap_sigma)
-            err = (pred - kp).norm(dim=-1)
-            mean_kp = torch.from_numpy(kps.mean(0) * size / images.shape[1])
-            base = (mean_kp.expand_as(kp) - kp).norm(dim=-1)
-        metrics.update(val_kp_error_px=float(err[vis].mean()), val_mean_kp_baseline_px=float(base[vis].mean()),
-                       val_n=n)
-        tracker.log_metrics({f"pretrain/{k}": float(v) for k, v in metrics.items()}, step=cfg.steps)
+        metrics.update(_validate(encoder, head, readout, body, split_paths["val"], cfg,
+                                 kps.mean(0) * size / images.shape[1], poses.mean(0), size, hm_size))
+        tracker.log_metrics({f"pretrain/{k}": float(v) for k, v in metrics.items()
+                             if v == v}, step=cfg.steps)
 
     dest = Path(out_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,10 @@ def tiny_model_config(**overrides):
              clip_patch_size=8, clip_hidden_size=16, clip_layers=1, clip_heads=2,
              pose_vit=dict(image_size=16, patch_size=8, hidden_size=16, num_layers=1,
                            num_heads=2, mlp_ratio=2),
-             head_hidden_size=32)
+             head_hidden_size=32,
+             # toy tests train the encoders from scratch (the embedded default freezes them
+             # because its pose encoder comes pretrained)
+             freeze_vision=False)
     d.update(overrides)
     return ModelConfig.from_dict(d, where="model")
 

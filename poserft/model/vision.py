@@ -20,8 +20,12 @@ from torch import nn
 from poserft.model.config import PoseViTConfig
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "to_unit_images",
-           "resize_normalize", "clip_patch_features", "PoseViTEncoder", "build_pose_vit",
-           "PoseEncoderCheckpointError"]
+           "resize_normalize", "clip_patch_features", "PoseViTEncoder", "ConvPoseEncoder",
+           "build_pose_vit", "save_pose_vit", "pose_encoder_config", "pose_encoder_from_config",
+           "PoseEncoderCheckpointError", "CONV_MODEL_TYPE"]
+
+# config.json model_type of a ConvPoseEncoder directory (a VitPoseBackbone dir says "vitpose_backbone").
+CONV_MODEL_TYPE = "poserft_conv_pose_encoder"
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -102,6 +106,65 @@ class PoseViTEncoder(nn.Module):
         return out.feature_maps[-1]
 
 
+class ConvPoseEncoder(nn.Module):
+    """Small conv pose encoder: image -> (B, h*w, C) tokens, same interface as PoseViTEncoder.
+
+    ``num_layers`` blocks of (3x3 conv stride 2, GroupNorm, GELU) take the image to an (h,w)
+    grid; each cell becomes a token (linear to C, plus a learnt position embedding) and every
+    token also gets a global embedding of the whole feature map (flatten -> MLP). The global
+    part is what a pose regressor needs (the spatial layout of all limbs at once); the MLLM
+    reads it from any token, so a tiny LLM does not have to learn spatial attention first.
+    GroupNorm, not BatchNorm: outputs must not depend on the batch (RL ratios compare
+    forwards of different batches).
+    """
+
+    def __init__(self, image_size: int, hidden_size: int, num_layers: int, conv_width: int):
+        super().__init__()
+        self.image_size = (int(image_size), int(image_size))
+        side = image_size // (2 ** num_layers)
+        if side < 1 or side * 2 ** num_layers != image_size:
+            raise ValueError(f"ConvPoseEncoder: image_size {image_size} is not divisible by "
+                             f"2^{num_layers}")
+        self.grid = (side, side)
+        self.hidden_size = int(hidden_size)
+        self.arch = {"image_size": int(image_size), "hidden_size": int(hidden_size),
+                     "num_layers": int(num_layers), "conv_width": int(conv_width)}
+        blocks, c_in = [], 3
+        for i in range(num_layers):
+            c_out = min(hidden_size, conv_width * 2 ** i)
+            blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                       nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
+            c_in = c_out
+        self.convs = nn.Sequential(*blocks)
+        self.token_proj = nn.Linear(c_in, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, side * side, hidden_size))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        self.global_proj = nn.Sequential(nn.Linear(c_in * side * side, hidden_size), nn.GELU(),
+                                          nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, unit: torch.Tensor) -> torch.Tensor:
+        dtype = self.token_proj.weight.dtype
+        pixels = resize_normalize(unit, self.image_size, IMAGENET_MEAN, IMAGENET_STD).to(dtype)
+        feats = self.convs(pixels)                                         # (B,c,h,w)
+        tokens = self.token_proj(feats.flatten(2).transpose(1, 2)) + self.pos_embed
+        return tokens + self.global_proj(feats.flatten(1)).unsqueeze(1)    # (B,h*w,C)
+
+
+def pose_encoder_config(encoder: nn.Module) -> dict:
+    """JSON-able architecture of a pose encoder (what :func:`pose_encoder_from_config` rebuilds)."""
+    if isinstance(encoder, ConvPoseEncoder):
+        return {"model_type": CONV_MODEL_TYPE, **encoder.arch}
+    return encoder.backbone.config.to_dict()
+
+
+def pose_encoder_from_config(config: dict) -> nn.Module:
+    """A randomly initialised pose encoder from :func:`pose_encoder_config`'s dict."""
+    if config.get("model_type") == CONV_MODEL_TYPE:
+        return ConvPoseEncoder(**{k: v for k, v in config.items() if k != "model_type"})
+    from transformers import VitPoseBackbone, VitPoseBackboneConfig
+    return PoseViTEncoder(VitPoseBackbone(VitPoseBackboneConfig.from_dict(config)))
+
+
 def _vitpose_config(cfg: PoseViTConfig):
     from transformers import VitPoseBackboneConfig
     return VitPoseBackboneConfig(
@@ -120,6 +183,8 @@ def build_pose_vit(cfg: PoseViTConfig) -> PoseViTEncoder:
     from transformers import VitPoseBackbone, VitPoseBackboneConfig
 
     if cfg.checkpoint is None:
+        if cfg.arch == "conv":
+            return ConvPoseEncoder(cfg.image_size, cfg.hidden_size, cfg.num_layers, cfg.conv_width)
         return PoseViTEncoder(VitPoseBackbone(_vitpose_config(cfg)))
     path = Path(cfg.checkpoint)
     fix = ("set model.pose_vit.checkpoint to a directory written by pretrain_pose_encoder "
@@ -128,6 +193,8 @@ def build_pose_vit(cfg: PoseViTConfig) -> PoseViTEncoder:
         raise PoseEncoderCheckpointError(f"model.pose_vit.checkpoint={str(path)!r}: no config.json "
                                          f"there; {fix}")
     raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") == CONV_MODEL_TYPE:
+        return _load_conv_encoder(path, raw, fix)
     if raw.get("model_type") == "vitpose" and "backbone_config" in raw:
         bcfg = VitPoseBackboneConfig(**{k: v for k, v in raw["backbone_config"].items()
                                         if k not in ("model_type", "transformers_version")})
@@ -137,8 +204,8 @@ def build_pose_vit(cfg: PoseViTConfig) -> PoseViTEncoder:
         prefix = ""
     else:
         raise PoseEncoderCheckpointError(
-            f"{path / 'config.json'}: model_type {raw.get('model_type')!r} is neither "
-            f"'vitpose_backbone' nor 'vitpose'; {fix}")
+            f"{path / 'config.json'}: model_type {raw.get('model_type')!r} is none of "
+            f"'vitpose_backbone', 'vitpose', {CONV_MODEL_TYPE!r}; {fix}")
     bcfg.out_indices = [bcfg.num_hidden_layers]
     model = VitPoseBackbone(bcfg)
     weights = path / "model.safetensors"
@@ -154,14 +221,37 @@ def build_pose_vit(cfg: PoseViTConfig) -> PoseViTEncoder:
     return PoseViTEncoder(model)
 
 
-def save_pose_vit(encoder: PoseViTEncoder, out_dir: str | os.PathLike) -> None:
-    """Write ``config.json`` + ``model.safetensors`` (HF VitPoseBackbone layout) into out_dir.
+def _load_conv_encoder(path: Path, raw: dict, fix: str) -> ConvPoseEncoder:
+    from safetensors.torch import load_file
+    try:
+        encoder = pose_encoder_from_config(raw)
+    except TypeError as exc:
+        raise PoseEncoderCheckpointError(f"{path / 'config.json'}: bad conv encoder config "
+                                         f"({exc}); {fix}") from None
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise PoseEncoderCheckpointError(f"{weights}: missing; {fix}")
+    missing, unexpected = encoder.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise PoseEncoderCheckpointError(f"{weights}: weights do not match the conv encoder "
+                                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); {fix}")
+    return encoder
+
+
+def save_pose_vit(encoder: nn.Module, out_dir: str | os.PathLike) -> None:
+    """Write ``config.json`` + ``model.safetensors`` into out_dir (HF VitPoseBackbone layout
+    for the ViT; :data:`CONV_MODEL_TYPE` config + the module's state dict for the conv net).
 
     Not atomic by itself: callers write into a temp dir and rename it.
     """
     from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(encoder, ConvPoseEncoder):
+        (out / "config.json").write_text(json.dumps(pose_encoder_config(encoder), indent=1))
+        state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
     encoder.backbone.config.save_pretrained(out)
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.backbone.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

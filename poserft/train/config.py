@@ -20,7 +20,8 @@ SFT_TASKS = ("text2pose", "image2pose", "image2text")
 class OptimConfig(Section):
     """AdamW with linear warmup then cosine decay (per optimizer step)."""
 
-    lr: float = option(5e-3, "Peak learning rate (tiny world; paper-scale runs use ~2e-5).",
+    lr: float = option(1e-3, "Peak learning rate (tiny world, measured best of 2e-4..5e-3 in "
+                       "docs/embedded_world.md; paper-scale runs use ~2e-5).",
                        exclusive_minimum=0.0)
     weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms).", minimum=0.0)
     betas: list[float] = option([0.9, 0.95], "AdamW (beta1, beta2); the paper uses (0.9, 0.95).")
@@ -61,7 +62,8 @@ class EngineConfig(Section):
 class SFTConfig(Section):
     """Supervised pretraining of the pose MLLM on mixed tasks from the HDF5 splits."""
 
-    steps: int = option(300, "Optimizer steps.", minimum=1)
+    steps: int = option(1500, "Optimizer steps (about 2 min for the embedded world on one core).",
+                        minimum=1)
     batch_size: int = option(16, "Examples per micro-batch (per rank).", minimum=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", minimum=1)
     task_weights: dict[str, float] = option(
@@ -84,7 +86,7 @@ class SFTConfig(Section):
     init_pose_bias_from_data: bool = option(
         True, "Start the pose head's mean at the training split's mean 6D pose (instead of "
               "the rest pose).")
-    eval_samples: int = option(64, "Val examples per task for the end-of-training check "
+    eval_samples: int = option(200, "Val examples per task for the end-of-training check "
                                "(greedy format rate, image->pose MPJPE vs the mean pose); 0 skips.",
                                minimum=0)
     max_new_tokens: int = option(24, "Generation budget for the end-of-training check.", minimum=1)
