@@ -91,7 +91,8 @@ def test_runs_are_in_mlflow(finished_run):
     exp = client.get_experiment_by_name("poserft-smoke")
     runs = client.search_runs([exp.experiment_id], max_results=200)
     rules = {r.data.tags.get("rule") for r in runs}
-    assert {"synthesize", "tokenizer", "train_retrieval", "sft", "rft", "evaluate"} <= rules
+    assert {"synthesize", "tokenizer", "train_retrieval", "pretrain_pose_encoder", "sft", "rft",
+            "evaluate", "evaluate_reference"} <= rules
     assert all(r.info.status == "FINISHED" for r in runs)
     (rft,) = [r for r in runs if r.data.tags.get("rule") == "rft"]
     assert rft.data.tags["variant"] == "dist_rft" and rft.data.params["rft.mode"] == "hygrpo"

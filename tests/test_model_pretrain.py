@@ -100,6 +100,17 @@ def test_pose_regression_loss_is_zero_at_target_and_matches_fk():
     assert pose_regression_loss(body, pred, target).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_pretrain_runs_for_a_few_steps(tmp_path, steps):
+    """Short runs (smoke configs) must not trip the one-cycle schedule's warm-up arithmetic."""
+    from poserft.model.testing import make_test_split
+    train = make_test_split(tmp_path / "train.h5", 16)
+    vit = dict(image_size=16, hidden_size=8, num_layers=2, conv_width=4)
+    m = pretrain_pose_encoder({"vit": vit, "steps": steps, "batch_size": 4, "heatmap_stride": 2,
+                               "val_samples": 0}, {"train": train}, tmp_path / "enc")
+    assert m["steps"] == steps and (tmp_path / "enc" / "model.safetensors").is_file()
+
+
 def test_pretrain_rejects_split_without_keypoints(tmp_path):
     from poserft.data.h5io import SplitReader, write_split
     from poserft.model.testing import make_test_split

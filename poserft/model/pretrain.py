@@ -214,8 +214,10 @@ def pretrain_pose_encoder(cfg: PoseEncoderConfig | dict | None, split_paths: dic
     hm_size = (encoder.grid[0] * head.u, encoder.grid[1] * head.u)
     params = list(encoder.parameters()) + list(head.parameters()) + list(readout.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.steps),
-                                                pct_start=0.1)
+    # OneCycleLR divides by its warm-up length: at least 2 steps of it, even for short runs
+    total = max(3, cfg.steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                pct_start=max(0.1, 2.5 / total))
     rng = np.random.default_rng(cfg.seed)
     encoder.train()
     losses = {"heatmap_loss": float("nan"), "pose_loss": float("nan")}
