@@ -117,34 +117,30 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
         if (variant, seed) in seen:
             raise MetricsFileError(f"{path}: run {variant}/seed{seed} given twice "
                                    f"(also {seen[(variant, seed)]})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise MetricsFileError(f"{path}: metrics file does not exist (run `snakemake "
-                                   f"{path}` first)") from None
-        except json.JSONDecodeError as exc:
-            raise MetricsFileError(f"{path}: not valid JSON ({exc}); delete it and rerun the "
-                                   "evaluate rule") from None
-        if not isinstance(data, dict):
-            raise MetricsFileError(f"{path}: expected a JSON object of metrics")
+        data = _read_metrics_json(path, "evaluate")
         seen[(variant, seed)] = path
         runs.append(Run(variant, seed, path, flatten_metrics(data)))
     return runs
 
 
-def load_reference(path: str | os.PathLike) -> dict[str, float]:
-    """Flat metrics of ``results/reference/metrics.json``; one error names the file."""
-    path = Path(path)
+def _read_metrics_json(path: Path, rule: str) -> dict:
+    """A metrics JSON object; one error names the file, the problem and the rule to rerun."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MetricsFileError(f"{path}: reference metrics do not exist (run `snakemake "
-                               f"{path}`, rule evaluate_reference)") from None
+        raise MetricsFileError(f"{path}: metrics file does not exist (run `snakemake "
+                               f"{path}` first, rule {rule})") from None
     except json.JSONDecodeError as exc:
         raise MetricsFileError(f"{path}: not valid JSON ({exc}); delete it and rerun the "
-                               "evaluate_reference rule") from None
+                               f"{rule} rule") from None
     if not isinstance(data, dict):
         raise MetricsFileError(f"{path}: expected a JSON object of metrics")
+    return data
+
+
+def load_reference(path: str | os.PathLike) -> dict[str, float]:
+    """Flat metrics of ``results/reference/metrics.json``; one error names the file."""
+    data = _read_metrics_json(Path(path), "evaluate_reference")
     return flatten_metrics({k: v for k, v in data.items() if k != "meta"})
 
 
