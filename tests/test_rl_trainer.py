@@ -264,6 +264,30 @@ def test_out_dir_with_foreign_content_is_refused(world, tmp_path):
     assert (run_dir / "sft").is_dir()
 
 
+def test_rft_text_targets_are_yaw_free_like_sft(world):
+    """RFT's text->pose ground truth is in SFT's frame (root yaw removed), so a joint reward
+    on text2pose prompts compares like with like; image targets keep the camera frame."""
+    from poserft.body.rotations import rot6d_to_matrix
+    from poserft.model.io import load_policy
+    from poserft.retrieval.features import yaw_angle
+    from poserft.rl.rollout import PromptSampler
+    from poserft.train.data import SFTTaskData
+
+    policy = load_policy(world["sft"])
+    mix = {"image2pose": 1.0, "text2pose": 1.0}
+    data = T.rft_task_data(world["splits"]["train"], policy.config, mix, seed=0)
+    sft = SFTTaskData(world["splits"]["train"], policy.config, mix, 0, text2pose_remove_yaw=True)
+    torch.testing.assert_close(data.task_targets("text2pose"), sft.task_targets("text2pose"))
+    raw = SFTTaskData(world["splits"]["train"], policy.config, mix, 0)
+    assert yaw_angle(rot6d_to_matrix(raw.task_targets("text2pose")[:, :6])).abs().max() > 0.05
+    batch = PromptSampler(data, mix, seed=0).sample(0, 16)
+    text_rows = [i for i, t in enumerate(batch.tasks) if t == "text2pose"]
+    assert text_rows
+    yaw = yaw_angle(rot6d_to_matrix(batch.gt_poses[text_rows, :6]))
+    assert yaw.abs().max() < 1e-5
+    torch.testing.assert_close(data.task_targets("image2pose"), raw.task_targets("image2pose"))
+
+
 def test_prompt_sampler_is_deterministic_and_checks_the_mix(world, tmp_path):
     from poserft.data.h5io import SplitReader, write_split
     from poserft.model.io import load_policy

@@ -405,6 +405,14 @@ def _resume_relevant(cfg: dict) -> dict:
     return out
 
 
+def rft_task_data(path, model_cfg, task_weights: dict[str, float], seed: int):
+    """Prompts and targets of RFT: the SFT task data with text->pose targets in the frame SFT
+    trained them (root yaw removed: a caption never says which way the body faces), so a
+    joint reward on text2pose prompts (``rft.reward_tasks``) compares like with like."""
+    from poserft.train.data import SFTTaskData
+    return SFTTaskData(path, model_cfg, task_weights, seed, text2pose_remove_yaw=True)
+
+
 def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_dir,
             split_paths: dict, out_dir, tracker=None, text_embedder=None, body_cfg=None,
             checkpoint_dir=None) -> dict:
@@ -425,7 +433,6 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
     Returns the summary dict written to ``out_dir/rft_summary.json``.
     """
     from poserft.model.io import load_policy, resolve_policy_dir
-    from poserft.train.data import SFTTaskData
     from poserft.train.engine import TrainEngine, run_fingerprint, seed_everything
 
     cfg = rft_cfg if isinstance(rft_cfg, RFTConfig) else RFTConfig.from_dict(rft_cfg, where="rft")
@@ -458,12 +465,12 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
 
     active = _active_rewards(cfg)
     mix = {t: w for t, w in cfg.task_mix.items() if w > 0}
-    data = SFTTaskData(split_paths["train"], policy.config, mix, cfg.engine.seed)
+    data = rft_task_data(split_paths["train"], policy.config, mix, cfg.engine.seed)
     sampler = PromptSampler(data, mix, cfg.engine.seed)
     val_sampler = None
     if split_paths.get("val") and cfg.eval_prompts:
         eval_tasks = {t: 1.0 for t in HELDOUT_REWARDS}
-        val_data = SFTTaskData(split_paths["val"], policy.config, eval_tasks, cfg.engine.seed)
+        val_data = rft_task_data(split_paths["val"], policy.config, eval_tasks, cfg.engine.seed)
         val_sampler = PromptSampler(val_data, {t: 1.0 for t in val_data.tasks}, cfg.engine.seed)
     need_semantic = ("semantic" in active and mix.get("text2pose", 0) > 0) or (
         val_sampler is not None and val_sampler.data.task_sizes.get("text2pose", 0) > 0
