@@ -602,6 +602,28 @@ def test_chance_recall_matches_monte_carlo():
             assert abs(vals.mean() - want) <= 4 * se + 0.05, (protocol, key, vals.mean(), want)
 
 
+def test_chance_recall_with_same_pose_groups_matches_monte_carlo():
+    """Protocol 1 with caption groups (3 captions per pose, one of 2): each caption competes
+    with the candidates outside its group only."""
+    from poserft.eval.metrics import retrieval_recall
+
+    rows = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 5, 5])
+    M, ks = len(rows), (1, 3, 10)
+    chance = R.chance_recall(M, ks, 4, pose_rows=rows)
+    pools = np.array([10, 10, 10, 11, 11, 12, 10, 10, 10, 12, 11, 11], dtype=float)
+    assert chance["protocol1"]["t2p_R@3"] == pytest.approx(100 * np.mean(3 / pools))
+    assert chance["protocol1"]["p2t_R@10"] == pytest.approx(100 * np.mean(np.minimum(10, pools) / pools))
+    rng = np.random.default_rng(1)
+    results = [retrieval_recall(rng.normal(size=(M, 8)), rng.normal(size=(M, 8)), np.arange(M),
+                                ks=ks, protocol="full", pose_groups=rows) for _ in range(2000)]
+    for key, want in chance["protocol1"].items():
+        vals = np.array([r[key] for r in results])
+        se = vals.std(ddof=1) / np.sqrt(len(vals))
+        assert abs(vals.mean() - want) <= 4 * se + 0.05, (key, vals.mean(), want)
+    with pytest.raises(ValueError, match="pose_rows"):
+        R.chance_recall(M, ks, 4, pose_rows=rows[:-1])
+
+
 def test_reference_rows_reach_the_tables(world, train_split, tmp_path):
     """The keys evaluate_reference writes are the ones build_tables reads."""
     import pandas as pd

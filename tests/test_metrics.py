@@ -300,3 +300,54 @@ def test_retrieval_errors():
         retrieval_recall(text[:0], pose, c2p[:0])
     with pytest.raises(ValueError, match="protocol must be"):
         retrieval_recall(text, pose, c2p, protocol="random")
+
+
+def _recall_with_groups_loop(text, pose, groups, ks):
+    """Brute force of retrieval_recall(full, pairs i<->i, pose_groups): every competitor of
+    query i outside i's group that scores >= the ground truth beats it."""
+    t = text / np.linalg.norm(text, axis=1, keepdims=True)
+    p = pose / np.linalg.norm(pose, axis=1, keepdims=True)
+    s = t @ p.T
+    m = len(groups)
+    t2p, p2t = [], []
+    for i in range(m):
+        others = [j for j in range(m) if groups[j] != groups[i]]
+        t2p.append(sum(s[i, j] >= s[i, i] for j in others))
+        p2t.append(sum(s[j, i] >= s[i, i] for j in others))   # pose i vs the captions j
+    out = {}
+    for name, beaten in (("t2p", t2p), ("p2t", p2t)):
+        for k in ks:
+            out[f"{name}_R@{k}"] = 100.0 * np.mean([b < k for b in beaten])
+    out["mRecall"] = float(np.mean(list(out.values())))
+    return out
+
+
+def test_full_recall_with_pose_groups_matches_loop_and_unique_pose_protocol():
+    from poserft.eval.metrics import retrieval_recall
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(10), 3)                      # 3 captions per pose
+    text = rng.normal(size=(30, 6))
+    pose = rng.normal(size=(30, 6))
+    ks = (1, 2, 5)
+    got = retrieval_recall(text, pose, np.arange(30), ks=ks, protocol="full", pose_groups=groups)
+    want = _recall_with_groups_loop(text, pose, groups, ks)
+    for key in want:
+        assert got[key] == pytest.approx(want[key]), key
+    # identical copies of the ground-truth poses (the oracle of the text->pose evaluation):
+    # without groups a caption's own copies tie with its ground truth and beat it
+    copies = rng.normal(size=(10, 6))[groups]
+    text = copies + 0.3 * rng.normal(size=(30, 6))               # captions near their pose
+    ks = (1, 3, 5)
+    grouped = retrieval_recall(text, copies, np.arange(30), ks=ks, protocol="full", pose_groups=groups)
+    plain = retrieval_recall(text, copies, np.arange(30), ks=ks, protocol="full")
+    want = _recall_with_groups_loop(text, copies, groups, ks)
+    for key in want:
+        assert grouped[key] == pytest.approx(want[key]), key
+    assert plain["t2p_R@1"] == 0.0 and plain["t2p_R@3"] > 0.0     # beaten by its 2 copies
+    assert grouped["t2p_R@1"] > 50.0
+    with pytest.raises(ValueError, match="protocol='full'"):
+        retrieval_recall(text, pose, np.arange(30), ks=ks, protocol="sampled", n_candidates=8,
+                         pose_groups=groups)
+    with pytest.raises(ValueError, match="pose_groups must have shape"):
+        retrieval_recall(text, pose, np.arange(30), pose_groups=groups[:5])

@@ -267,7 +267,7 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 def retrieval_recall(text_emb, pose_emb, caption_to_pose, ks: Sequence[int] = (5, 10, 20),
                      protocol: str = "full", n_candidates: int = 32, repeats: int = 10,
-                     seed: int = 0, normalize: bool = True) -> dict[str, float]:
+                     seed: int = 0, normalize: bool = True, pose_groups=None) -> dict[str, float]:
     """Text<->pose Recall@K in percent (0..100), plus ``mRecall`` (mean of all values).
 
     Args:
@@ -281,6 +281,10 @@ def retrieval_recall(text_emb, pose_emb, caption_to_pose, ks: Sequence[int] = (5
             ``repeats`` times, seeded (see :func:`sample_retrieval_candidates`); the value
             is the mean hit rate over repeats and queries.
         normalize: L2-normalise embeddings first (cosine similarity); else dot products.
+        pose_groups: (N,) int or None, 'full' only: poses of one group are the same pose
+            (e.g. one generated per caption of a pose); a query's ground truth then competes
+            with no other pose of its group (t2p), and a pose with no caption of another
+            pose of its group (p2t): neither hits nor distractors.
     Ties count against the query (a distractor scoring equal to the ground truth beats it).
     """
     if protocol not in ("full", "sampled"):
@@ -292,6 +296,14 @@ def retrieval_recall(text_emb, pose_emb, caption_to_pose, ks: Sequence[int] = (5
         raise ValueError(f"K={max(ks)} exceeds n_candidates={n_candidates}: every query "
                          f"would trivially hit")
     text, pose, c2p = _check_retrieval_inputs(text_emb, pose_emb, caption_to_pose)
+    groups = None
+    if pose_groups is not None:
+        if protocol != "full":
+            raise ValueError("pose_groups is supported by protocol='full' only")
+        groups = torch.as_tensor(np.asarray(pose_groups), dtype=torch.long, device=text.device)
+        if groups.shape != (pose.shape[0],):
+            raise ValueError(f"pose_groups must have shape ({pose.shape[0]},), got "
+                             f"{tuple(groups.shape)}")
     if normalize:
         text, pose = _normalise(text), _normalise(pose)
     num_captions, num_poses = text.shape[0], pose.shape[0]
@@ -302,8 +314,14 @@ def retrieval_recall(text_emb, pose_emb, caption_to_pose, ks: Sequence[int] = (5
         step = max(1, _CHUNK_ELEMENTS // num_poses)
         for lo in range(0, num_captions, step):
             scores = text[lo:lo + step] @ pose.T                                 # (n,N)
-            gt = scores.gather(1, c2p[lo:lo + step, None])
-            t2p_beaten[lo:lo + step] = (scores >= gt).sum(1) - 1                 # minus itself
+            gt_ids = c2p[lo:lo + step, None]
+            gt = scores.gather(1, gt_ids)
+            competes = scores >= gt
+            if groups is not None:  # same-group poses other than the ground truth sit out
+                sibling = groups[None, :] == groups[gt_ids]
+                sibling.scatter_(1, gt_ids, False)
+                competes &= ~sibling
+            t2p_beaten[lo:lo + step] = competes.sum(1) - 1                       # minus itself
         poses = torch.unique(c2p)
         p2t_beaten = torch.empty(poses.shape[0], dtype=torch.long, device=text.device)
         step = max(1, _CHUNK_ELEMENTS // num_captions)
@@ -312,7 +330,10 @@ def retrieval_recall(text_emb, pose_emb, caption_to_pose, ks: Sequence[int] = (5
             scores = pose[ids] @ text.T                                          # (n,M)
             own = c2p[None, :] == ids[:, None]
             best_own = scores.masked_fill(~own, -torch.inf).amax(1, keepdim=True)
-            p2t_beaten[lo:lo + step] = ((scores >= best_own) & ~own).sum(1)
+            rivals = ~own
+            if groups is not None:  # captions of another pose of the same group sit out
+                rivals &= groups[c2p][None, :] != groups[ids][:, None]
+            p2t_beaten[lo:lo + step] = ((scores >= best_own) & rivals).sum(1)
         t2p_hits = (t2p_beaten[:, None] < k_tensor).double().mean(0)
         p2t_hits = (p2t_beaten[:, None] < k_tensor).double().mean(0)
     else:

@@ -146,22 +146,34 @@ def embedding_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (na * nb)
 
 
-def chance_recall(num_captions: int, ks: Sequence[int], n_candidates: int) -> dict[str, dict[str, float]]:
+def chance_recall(num_captions: int, ks: Sequence[int], n_candidates: int,
+                  pose_rows: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Exact chance Recall@K (%) of :func:`poserft.eval.metrics.retrieval_recall` for
     ``num_captions`` captions paired one-to-one with as many poses (caption i <-> pose i, the
     text->pose evaluation's pairs), for embeddings carrying no information (no ties).
 
-    Protocol 1 ('full'): the ground truth's rank among the M candidates of either direction
-    is uniform, so R@K = min(K, M) / M. Protocol 2 ('sampled'): uniform among the N
-    candidates (ground truth + N-1 distractors), R@K = min(K, N) / N, for every repeat.
-    ``mRecall`` is the mean of the 2 x len(ks) values, as in ``retrieval_recall``.
+    Protocol 1 ('full'): the ground truth's rank among the candidates of either direction is
+    uniform. Without ``pose_rows`` there are M candidates, R@K = min(K, M) / M; with them
+    (:func:`text2pose_recall`'s groups) caption i competes against the M_i = M - (g_i - 1)
+    candidates outside its group of g_i same-pose captions, and R@K is the mean over i of
+    min(K, M_i) / M_i. Protocol 2 ('sampled'): uniform among the N candidates (ground truth +
+    N-1 distractors), R@K = min(K, N) / N, for every repeat. ``mRecall`` is the mean of the
+    2 x len(ks) values, as in ``retrieval_recall``.
     """
     if num_captions < 1 or n_candidates < 2:
         raise ValueError(f"chance_recall: needs >= 1 caption and >= 2 candidates, got "
                          f"{num_captions}, {n_candidates}")
+    m = int(num_captions)
+    pools1 = np.full(m, m, dtype=np.float64)
+    if pose_rows is not None:
+        rows = np.asarray(pose_rows)
+        if rows.shape != (m,):
+            raise ValueError(f"chance_recall: pose_rows must have shape ({m},), got {rows.shape}")
+        _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+        pools1 = m - (counts[inverse] - 1).astype(np.float64)
     out = {}
-    for protocol, pool in (("protocol1", int(num_captions)), ("protocol2", int(n_candidates))):
-        values = {f"{d}_R@{int(k)}": 100.0 * min(int(k), pool) / pool
+    for protocol, pools in (("protocol1", pools1), ("protocol2", np.full(1, float(n_candidates)))):
+        values = {f"{d}_R@{int(k)}": 100.0 * float(np.mean(np.minimum(int(k), pools) / pools))
                   for d in ("t2p", "p2t") for k in ks}
         values["mRecall"] = float(np.mean(list(values.values())))
         out[protocol] = values
@@ -243,6 +255,8 @@ class PoseTargets:
     vec6d (n,144): the ground-truth poses (what the oracle "predicts").
     joints (n,J,3), pelvis (n,3): their skeletons (``eval.joint_set``), metres.
     pred_betas (n,B) or None: the shape every predicted pose of a row gets (None: mean shape).
+    pose_rows (n,) or None: text->pose only, the ground-truth pose row of each caption
+    (captions of one pose are the recall protocol's groups).
     """
 
     idx: np.ndarray
@@ -250,6 +264,7 @@ class PoseTargets:
     joints: torch.Tensor
     pelvis: torch.Tensor
     pred_betas: torch.Tensor | None
+    pose_rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.idx))
@@ -302,7 +317,7 @@ def text2pose_targets(body, reader, cfg: EvalConfig) -> tuple[list[str], PoseTar
     betas = (torch.as_tensor(poses["betas"], dtype=torch.float32) if cfg.pred_betas == "gt"
              else None)
     joints, pelvis = _joints_in_batches(body, gt_vec, cfg.joint_set, betas, cfg.batch_size)
-    return captions, PoseTargets(idx, gt_vec, joints, pelvis, betas)
+    return captions, PoseTargets(idx, gt_vec, joints, pelvis, betas, pose_rows=rows)
 
 
 def pose_errors(body, pred_vec: torch.Tensor, target: PoseTargets, joint_set: str,
@@ -343,9 +358,13 @@ def image2pose_pose_metrics(body, pred_vec: torch.Tensor, target: PoseTargets, c
 
 
 def text2pose_recall(evaluator, captions: Sequence[str], pred_vec: torch.Tensor, cfg: EvalConfig,
-                     text_emb: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+                     text_emb: torch.Tensor | None = None, pose_rows: np.ndarray | None = None
+                     ) -> dict[str, dict[str, float]]:
     """Recall@K of (caption i, pose i) pairs with the evaluator model, protocol 1 (full) and
-    protocol 2 (sampled). ``text_emb``: the captions' embeddings when already computed."""
+    protocol 2 (sampled). ``text_emb``: the captions' embeddings when already computed.
+    ``pose_rows``: each caption's ground-truth pose; in protocol 1 the poses generated from
+    the other captions of the same pose are neither hits nor distractors (with 3 captions
+    per pose, a perfect generator's 3 identical poses would otherwise beat each other)."""
     from poserft.eval.metrics import retrieval_recall
 
     if text_emb is None:
@@ -353,7 +372,8 @@ def text2pose_recall(evaluator, captions: Sequence[str], pred_vec: torch.Tensor,
     pose_emb = evaluator.embed_poses(pred_vec.to(evaluator.log_logit_scale.device)).cpu()
     pairs = np.arange(len(captions))      # caption i <-> the pose generated from it
     return {
-        "protocol1": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks, protocol="full"),
+        "protocol1": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks, protocol="full",
+                                      pose_groups=pose_rows),
         "protocol2": retrieval_recall(text_emb, pose_emb, pairs, ks=cfg.recall_ks,
                                       protocol="sampled", n_candidates=cfg.protocol2_candidates,
                                       repeats=cfg.protocol2_repeats, seed=cfg.recall_seed)}
@@ -369,7 +389,8 @@ def score_text2pose(evaluator, body, captions: Sequence[str], pred_vec: torch.Te
 
     pred_vec = pred_vec.detach().float().cpu().contiguous()
     e, pa = _errors_in_batches(body, pose6d_without_root_yaw(pred_vec), target, cfg)
-    out: dict[str, Any] = text2pose_recall(evaluator, captions, pred_vec, cfg, text_emb)
+    out: dict[str, Any] = text2pose_recall(evaluator, captions, pred_vec, cfg, text_emb,
+                                           target.pose_rows)
     out.update(mpjpe=float(e.mean()), pa_mpjpe=float(pa.mean()))
     return out
 
@@ -624,7 +645,7 @@ def _bound_texts(evaluator, body, reader, cfg: EvalConfig, mean_vec: torch.Tenso
                                          target, cfg, text_emb),
             "oracle": score_text2pose(evaluator, body, captions, target.vec6d, target, cfg,
                                       text_emb),
-            "chance": chance_recall(n, cfg.recall_ks, cfg.protocol2_candidates),
+            "chance": chance_recall(n, cfg.recall_ks, cfg.protocol2_candidates, target.pose_rows),
             "num_samples": n}
 
 
