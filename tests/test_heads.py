@@ -121,3 +121,23 @@ def test_log_prob_closed_form_diag_1d():
     d = PoseGaussian(torch.tensor([[1.0]]), torch.tensor([[2.0]]))
     expected = -0.5 * math.log(2 * math.pi) - math.log(2.0) - 0.125
     assert d.log_prob(torch.tensor([[0.0]])).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_beta_nll_limits_and_gradient():
+    """beta 0 is the plain per-dimension NLL; the mean's gradient is the NLL's scaled by
+    stop_grad(std^(2 beta)) with weights normalised to mean 1 (beta 1: MSE-like)."""
+    from poserft.model.heads import PoseGaussian, beta_nll
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    std = (0.1 + torch.rand(3, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    x = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    plain = -PoseGaussian(mean, std).log_prob(x) / 6
+    torch.testing.assert_close(beta_nll(mean, std, x, 0.0), plain)
+    for beta in (0.5, 1.0):
+        (gm,) = torch.autograd.grad(beta_nll(mean, std, x, beta).sum(), mean)
+        w = std.detach() ** (2 * beta)
+        want = (mean.detach() - x) / std.detach() ** 2 * w / w.sum(-1, keepdim=True)
+        torch.testing.assert_close(gm, want)
+    (gm1,) = torch.autograd.grad(beta_nll(mean, std, x, 1.0).sum(), mean)
+    var = std.detach() ** 2
+    torch.testing.assert_close(gm1, (mean.detach() - x) / var.sum(-1, keepdim=True))

@@ -165,6 +165,8 @@ def test_sft_loss_components_match_independent_computation(trained):
     with torch.no_grad():
         joint_only, m = policy.sft_loss(batch, lm_weight=0.0, pose_weight=0.0, joint_weight=1.0)
         pose_only, _ = policy.sft_loss(batch, lm_weight=0.0, pose_weight=1.0, joint_weight=0.0)
+        beta_only, _ = policy.sft_loss(batch, lm_weight=0.0, pose_weight=1.0, joint_weight=0.0,
+                                       nll_beta=0.5)
         lm_only, _ = policy.sft_loss(batch, lm_weight=1.0, pose_weight=0.0, joint_weight=0.0)
         rows = batch["has_pose"].nonzero().flatten()
         # recompute the pose distribution via score() on a rollout-shaped input
@@ -179,12 +181,16 @@ def test_sft_loss_components_match_independent_computation(trained):
         expected_joint = (jp - jt).norm(dim=-1).mean()
         ref = torch.distributions.MultivariateNormal(dist.mean, covariance_matrix=dist.covariance_matrix())
         expected_pose = -ref.log_prob(target).mean() / 144
+        w = dist.std                                              # std^(2 * 0.5)
+        per_dim = (-torch.distributions.Normal(dist.mean, dist.std).log_prob(target))
+        expected_beta = ((per_dim * w).sum(-1) / w.sum(-1)).mean()
         logits = policy.backbone.lm_head(hidden[:, tp - 1:-1])
         valid = batch["completion_mask"] > 0
         expected_lm = torch.nn.functional.cross_entropy(logits[valid], batch["completion_ids"][valid])
     assert m["n_pose"] == len(rows) > 0
     torch.testing.assert_close(joint_only, expected_joint, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pose_only, expected_pose, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(beta_only, expected_beta, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lm_only, expected_lm, atol=1e-5, rtol=1e-5)
 
 

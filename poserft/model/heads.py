@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["POSE_DIM", "PoseGaussian", "PointPose", "GaussianPoseHead", "DeterministicPoseHead",
+__all__ = ["POSE_DIM", "beta_nll", "PoseGaussian", "PointPose", "GaussianPoseHead", "DeterministicPoseHead",
            "UndefinedForDeterministicHead", "build_pose_head", "pose_to_smpl", "identity_pose_vec"]
 
 POSE_DIM = 144  # 24 joints x 6D rotation (poserft.body.POSE_DIM)
@@ -35,6 +35,25 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 class UndefinedForDeterministicHead(NotImplementedError):
     """A density quantity was asked of the deterministic ('no Dist.') head."""
+
+
+def beta_nll(mean: torch.Tensor, std: torch.Tensor, target: torch.Tensor, beta: float
+             ) -> torch.Tensor:
+    """(B,) beta-NLL of a diagonal Gaussian (Seitzer et al. 2022, "On the pitfalls of
+    heteroscedastic uncertainty estimation"): the per-dimension NLL weighted by
+    ``stop_grad(std^(2 beta))``, weights normalised to mean 1 per row, averaged over dims.
+
+    beta = 0 is the plain NLL per dimension (``-log p(x) / k``); beta = 1 gives the mean
+    the gradient of a mean squared error. Plain NLL divides each dimension's mean gradient
+    by its variance, so dimensions the head is sure about dominate and hard ones stall.
+    mean, std, target: (B,k).
+    """
+    z = (target.to(mean.dtype) - mean) / std
+    nll = 0.5 * z.pow(2) + std.log() + 0.5 * _LOG_2PI                    # (B,k)
+    if beta == 0:
+        return nll.mean(-1)
+    w = std.detach().pow(2.0 * beta)
+    return (nll * w).sum(-1) / w.sum(-1)
 
 
 def identity_pose_vec(dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 
 from poserft.model.config import IMAGE_TOKEN, POSE_TOKEN, ModelConfig
 from poserft.model.fusion import VisionFusion
-from poserft.model.heads import POSE_DIM, PointPose, PoseGaussian, build_pose_head
+from poserft.model.heads import POSE_DIM, PointPose, PoseGaussian, beta_nll, build_pose_head
 from poserft.model.vision import PoseViTEncoder, clip_grid, clip_patch_features, to_unit_images
 
 __all__ = ["Rollout", "ScoreOutput", "PoseMLLM", "build_policy"]
@@ -450,10 +450,12 @@ class PoseMLLM(nn.Module):
                 "poses": None if poses is None else torch.as_tensor(poses, dtype=torch.float32).to(dev)}
 
     def sft_loss(self, batch: dict, lm_weight: float = 1.0, pose_weight: float = 1.0,
-                 joint_weight: float = 1.0, joint_frame: str = "global") -> tuple[torch.Tensor, dict]:
+                 joint_weight: float = 1.0, joint_frame: str = "global",
+                 nll_beta: float = 0.0) -> tuple[torch.Tensor, dict]:
         """Next-token CE on answers + pose loss + FK joint loss on pose rows.
 
-        Pose loss: Gaussian NLL per dimension (``-log p(x) / 144``) for the Gaussian head,
+        Pose loss: Gaussian NLL per dimension (``-log p(x) / 144``) for the Gaussian head
+        (``nll_beta`` > 0, diagonal covariance: the beta-NLL of :func:`beta_nll` instead),
         mean squared error on the 6D vector for the deterministic head. Joint loss: mean
         per-joint Euclidean distance (metres) between FK(predicted mean) and FK(target),
         both through ``poserft.body.load(None)`` (no translation), with the global
@@ -477,7 +479,11 @@ class PoseMLLM(nn.Module):
         if rows.numel():
             dist = self.pose_head(self._pose_hidden(hidden[rows], tp, batch["pose_token_pos"][rows]))
             target = batch["poses"][rows]
-            if isinstance(dist, PoseGaussian):
+            if isinstance(dist, PoseGaussian) and nll_beta and dist.factor is None:
+                pose_loss = beta_nll(dist.mean, dist.std, target, nll_beta).mean()
+                metrics["pose_nll"] = (-dist.log_prob(target).mean() / POSE_DIM).item()
+                metrics["pose_std"] = dist.std.mean().item()
+            elif isinstance(dist, PoseGaussian):
                 pose_loss = -dist.log_prob(target).mean() / POSE_DIM
                 metrics["pose_nll"] = pose_loss.item()
                 metrics["pose_std"] = dist.std.mean().item()

@@ -157,7 +157,8 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
                  data.task_sizes, sft_cfg.steps)
     rank, world = engine.dist.rank, engine.dist.world_size
     weights = dict(lm_weight=sft_cfg.lm_weight, pose_weight=sft_cfg.pose_weight,
-                   joint_weight=sft_cfg.joint_weight, joint_frame=sft_cfg.joint_frame)
+                   joint_weight=sft_cfg.joint_weight, joint_frame=sft_cfg.joint_frame,
+                   nll_beta=sft_cfg.nll_beta)
 
     def loss_fn(model, mb):
         batch = policy.sft_batch(mb["prompts"], mb["answers"], mb["images"], mb["poses"], mb["has_pose"])
