@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["POSE_DIM", "beta_nll", "PoseGaussian", "PointPose", "GaussianPoseHead", "DeterministicPoseHead",
+__all__ = ["POSE_DIM", "beta_nll", "joint_distances", "PoseGaussian", "PointPose", "GaussianPoseHead", "DeterministicPoseHead",
            "UndefinedForDeterministicHead", "build_pose_head", "pose_to_smpl", "identity_pose_vec"]
 
 POSE_DIM = 144  # 24 joints x 6D rotation (poserft.body.POSE_DIM)
@@ -64,6 +64,26 @@ def identity_pose_vec(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     except ImportError:  # body not importable: 6D = first two columns of the matrix
         six = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=dtype)
     return six.repeat(POSE_DIM // 6)
+
+
+def joint_distances(body, pred: torch.Tensor, target: torch.Tensor, frame: str = "global"
+                    ) -> torch.Tensor:
+    """Per-joint distance (R,24) in metres between FK of two (R,144) 6D poses through ``body``.
+
+    ``frame="local"`` replaces both root rotations by the identity first (articulation
+    only); ``"both"`` is the mean of the global and local distances.
+    """
+    from poserft.body import vec6d_to_rotmats
+    if frame not in ("global", "local", "both"):
+        raise ValueError(f"joint frame must be 'global', 'local' or 'both', got {frame!r}")
+    if frame == "both":
+        return 0.5 * (joint_distances(body, pred, target, "global")
+                      + joint_distances(body, pred, target, "local"))
+    rp, rt = vec6d_to_rotmats(pred.float()), vec6d_to_rotmats(target.float())
+    if frame == "local":
+        eye = torch.eye(3, dtype=rp.dtype, device=rp.device).expand(rp.shape[0], 1, 3, 3)
+        rp, rt = torch.cat([eye, rp[:, 1:]], 1), torch.cat([eye, rt[:, 1:]], 1)
+    return (body.forward_rotmats(rp) - body.forward_rotmats(rt)).norm(dim=-1)
 
 
 def pose_to_smpl(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,8 @@ from torch import nn
 
 from poserft.model.config import IMAGE_TOKEN, POSE_TOKEN, ModelConfig
 from poserft.model.fusion import VisionFusion
-from poserft.model.heads import POSE_DIM, PointPose, PoseGaussian, beta_nll, build_pose_head
+from poserft.model.heads import POSE_DIM, PointPose, PoseGaussian, beta_nll, build_pose_head, \
+    joint_distances
 from poserft.model.vision import PoseViTEncoder, clip_grid, clip_patch_features, to_unit_images
 
 __all__ = ["Rollout", "ScoreOutput", "PoseMLLM", "build_policy"]
@@ -503,17 +504,7 @@ class PoseMLLM(nn.Module):
         ``frame="local"`` replaces both root rotations by the identity first (articulation
         only); ``"both"`` is the mean of the global and local errors.
         """
-        from poserft.body import vec6d_to_rotmats
-        if frame not in ("global", "local", "both"):
-            raise ValueError(f"joint frame must be 'global', 'local' or 'both', got {frame!r}")
-        if frame == "both":
-            return 0.5 * (self.joint_error(pred, target, "global") + self.joint_error(pred, target, "local"))
-        body = self.body_model()
-        rp, rt = vec6d_to_rotmats(pred.float()), vec6d_to_rotmats(target.float())
-        if frame == "local":
-            eye = torch.eye(3, dtype=rp.dtype, device=rp.device).expand(rp.shape[0], 1, 3, 3)
-            rp, rt = torch.cat([eye, rp[:, 1:]], 1), torch.cat([eye, rt[:, 1:]], 1)
-        return (body.forward_rotmats(rp) - body.forward_rotmats(rt)).norm(dim=-1)
+        return joint_distances(self.body_model(), pred, target, frame)
 
 
 def build_policy(config: ModelConfig | dict | None, tokenizer=None) -> PoseMLLM:

@@ -119,17 +119,11 @@ class PoseReadout(nn.Module):
 
 
 def pose_regression_loss(body, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """6D MSE + mean joint distance (metres) of FK with and without the root rotation.
-
-    pred, target: (B,144) 6D poses -> scalar.
+    """6D MSE + mean joint distance (metres) of FK with and without the root rotation
+    (:func:`poserft.model.heads.joint_distances`, frame "both"). pred, target: (B,144) -> scalar.
     """
-    from poserft.body import vec6d_to_rotmats
-    rp, rt = vec6d_to_rotmats(pred.float()), vec6d_to_rotmats(target.float())
-    eye = torch.eye(3, dtype=rp.dtype, device=rp.device).expand(rp.shape[0], 1, 3, 3)
-    glob = (body.forward_rotmats(rp) - body.forward_rotmats(rt)).norm(dim=-1).mean()
-    local = (body.forward_rotmats(torch.cat([eye, rp[:, 1:]], 1))
-             - body.forward_rotmats(torch.cat([eye, rt[:, 1:]], 1))).norm(dim=-1).mean()
-    return F.mse_loss(pred, target) + 0.5 * (glob + local)
+    from poserft.model.heads import joint_distances
+    return F.mse_loss(pred, target) + joint_distances(body, pred, target, "both").mean()
 
 
 def _load_split(path) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:

@@ -249,9 +249,9 @@ def save_pose_vit(encoder: nn.Module, out_dir: str | os.PathLike) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(encoder, ConvPoseEncoder):
         (out / "config.json").write_text(json.dumps(pose_encoder_config(encoder), indent=1))
-        state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    encoder.backbone.config.save_pretrained(out)
-    state = {k: v.detach().contiguous().cpu() for k, v in encoder.backbone.state_dict().items()}
+        module = encoder
+    else:
+        encoder.backbone.config.save_pretrained(out)
+        module = encoder.backbone
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -44,14 +44,6 @@ class Example:
     has_pose: bool           # the answer's <POSE> has a pose target
 
 
-def _without_root_yaw(pose6d: torch.Tensor) -> torch.Tensor:
-    """(N,144) -> same poses with the root's twist about +y removed (y-up frames)."""
-    from poserft.body.rotations import matrix_to_rot6d, rot6d_to_matrix
-    from poserft.retrieval.features import remove_root_yaw
-    root = matrix_to_rot6d(remove_root_yaw(rot6d_to_matrix(pose6d[:, :6])))
-    return torch.cat([root, pose6d[:, 6:]], dim=-1)
-
-
 class SFTTaskData:
     """Mixed-task examples of one split file. ``batch(step, micro, size)`` -> collated dict."""
 
@@ -59,6 +51,7 @@ class SFTTaskData:
                  task_weights: dict[str, float], seed: int = 0, text2pose_remove_yaw: bool = False):
         from poserft.body import smpl_to_vec6d
         from poserft.data.h5io import SplitReader
+        from poserft.retrieval.features import pose6d_without_root_yaw
 
         self.path, self.cfg, self.seed = Path(split_path), model_cfg, int(seed)
         self.reader = SplitReader(self.path)
@@ -68,7 +61,8 @@ class SFTTaskData:
         bp = torch.as_tensor(np.asarray(poses["body_pose"]), dtype=torch.float32)
         self.pose6d = smpl_to_vec6d(go, bp)                                # (N,144)
         # text->pose targets: a caption never says which way the body faces
-        self.text_pose6d = _without_root_yaw(self.pose6d) if text2pose_remove_yaw else self.pose6d
+        self.text_pose6d = (pose6d_without_root_yaw(self.pose6d) if text2pose_remove_yaw
+                            else self.pose6d)
         if r.has("image_pose/global_orient"):
             cam = torch.as_tensor(np.asarray(r.read("image_pose/global_orient")), dtype=torch.float32)
             self.image_pose6d = smpl_to_vec6d(cam, bp)
