@@ -201,3 +201,21 @@ def test_model_config_invariants():
         ModelConfig.from_dict({"fusion": "sum"}, where="model")
     with pytest.raises(ConfigError, match="model.pose_vit.patch_size"):
         ModelConfig.from_dict({"pose_vit": {"patch_size": 4}}, where="model")
+
+
+def test_conv_encoder_checkpoint_errors_name_the_file(tmp_path):
+    """A conv encoder folder without weights, or with weights of another size, is refused
+    with the file and the fix named."""
+    from safetensors.torch import save_file
+
+    from poserft.model.config import PoseViTConfig
+    from poserft.model.vision import PoseEncoderCheckpointError, build_pose_vit, save_pose_vit
+    enc = build_pose_vit(PoseViTConfig(arch="conv", image_size=16, hidden_size=8, num_layers=2,
+                                       conv_width=4))
+    save_pose_vit(enc, tmp_path / "enc")
+    (tmp_path / "enc" / "model.safetensors").unlink()
+    with pytest.raises(PoseEncoderCheckpointError, match=r"model\.safetensors: missing.*pretrain_pose_encoder"):
+        build_pose_vit(PoseViTConfig(checkpoint=str(tmp_path / "enc")))
+    save_file({"token_proj.weight": torch.zeros(3, 3)}, str(tmp_path / "enc" / "model.safetensors"))
+    with pytest.raises(PoseEncoderCheckpointError, match="do not match the ConvPoseEncoder"):
+        build_pose_vit(PoseViTConfig(checkpoint=str(tmp_path / "enc")))

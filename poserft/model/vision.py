@@ -208,33 +208,39 @@ def build_pose_vit(cfg: PoseViTConfig) -> PoseViTEncoder:
             f"'vitpose_backbone', 'vitpose', {CONV_MODEL_TYPE!r}; {fix}")
     bcfg.out_indices = [bcfg.num_hidden_layers]
     model = VitPoseBackbone(bcfg)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise PoseEncoderCheckpointError(f"{weights}: missing; {fix}")
-    from safetensors.torch import load_file
-    state = load_file(str(weights))
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise PoseEncoderCheckpointError(f"{weights}: weights missing for {missing[:5]} "
-                                         f"({len(missing)} in all); {fix}")
+    _load_weights(model, path / "model.safetensors", fix, prefix=prefix)
     return PoseViTEncoder(model)
 
 
-def _load_conv_encoder(path: Path, raw: dict, fix: str) -> ConvPoseEncoder:
+def _load_weights(module: nn.Module, weights: Path, fix: str, prefix: str = "",
+                  strict: bool = False) -> None:
+    """Load ``weights`` (safetensors; keys under ``prefix``) into ``module``; every problem
+    (file missing, weights missing or, with ``strict``, unexpected, shapes that differ) is a
+    :class:`PoseEncoderCheckpointError` naming the file and the fix."""
     from safetensors.torch import load_file
+    if not weights.is_file():
+        raise PoseEncoderCheckpointError(f"{weights}: missing; {fix}")
+    state = {k[len(prefix):]: v for k, v in load_file(str(weights)).items() if k.startswith(prefix)}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise PoseEncoderCheckpointError(f"{weights}: weights do not match the "
+                                         f"{type(module).__name__} of config.json "
+                                         f"({str(exc).splitlines()[-1].strip()}); {fix}") from None
+    unexpected = unexpected if strict else []
+    if missing or unexpected:
+        raise PoseEncoderCheckpointError(
+            f"{weights}: weights do not match the {type(module).__name__} of config.json "
+            f"(missing {missing[:5]} of {len(missing)}, unexpected {unexpected[:5]}); {fix}")
+
+
+def _load_conv_encoder(path: Path, raw: dict, fix: str) -> ConvPoseEncoder:
     try:
         encoder = pose_encoder_from_config(raw)
     except TypeError as exc:
         raise PoseEncoderCheckpointError(f"{path / 'config.json'}: bad conv encoder config "
                                          f"({exc}); {fix}") from None
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise PoseEncoderCheckpointError(f"{weights}: missing; {fix}")
-    missing, unexpected = encoder.load_state_dict(load_file(str(weights)), strict=False)
-    if missing or unexpected:
-        raise PoseEncoderCheckpointError(f"{weights}: weights do not match the conv encoder "
-                                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); {fix}")
+    _load_weights(encoder, path / "model.safetensors", fix, strict=True)
     return encoder
 
 
