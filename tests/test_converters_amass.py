@@ -13,13 +13,16 @@ from fixtures_realformat import write_amass_sequence, write_amass_tree, write_po
 from poserft.body import load
 from poserft.data.converters import convert
 from poserft.data.converters.common import ZUP_TO_YUP, ConversionError
+from poserft.data.converters.config import DatasetsConfig
 from poserft.data.h5io import SplitReader, validate_split
 
 SPLITS = {"train": ["CMU"], "val": ["HumanEva"]}
 
 
 def _amass_cfg(**kw):
-    return {"amass": {"splits": SPLITS, "files": ["CMU", "HumanEva"], "target_fps": 20.0, **kw}}
+    return DatasetsConfig.from_dict(
+        {"amass": {"splits": SPLITS, "files": ["CMU", "HumanEva"], "target_fps": 20.0, **kw}},
+        where="datasets")
 
 
 def _raw_joints(body, poses, trans, betas):
@@ -83,8 +86,9 @@ def test_amass_accepts_smplx_g_sequences(tmp_path):
     raw = tmp_path / "raw"
     src = write_amass_sequence(raw / "CMU/s1/a_stageii.npz", n_frames=4, fps=30.0, width=165)
     out = {"train": tmp_path / "train.h5"}
-    convert("amass", {"amass": {"splits": {"train": ["CMU"]}, "files": ["CMU"], "target_fps": 0.0}}, raw, out, None,
-            progress=False)
+    cfg = DatasetsConfig.from_dict(
+        {"amass": {"splits": {"train": ["CMU"]}, "files": ["CMU"], "target_fps": 0.0}}, where="datasets")
+    convert("amass", cfg, raw, out, None, progress=False)
     bp = SplitReader(out["train"]).read("poses/body_pose")
     np.testing.assert_allclose(bp[:, :21], src["poses"][:, 3:66].reshape(-1, 21, 3), atol=1e-6)
 
@@ -134,7 +138,7 @@ def _posescript_fixture(tmp_path):
     auto = {0: ["auto a", "auto b"], 1: ["auto c"], 3: ["auto d"]}
     id_map = write_posescript_release(tmp_path / "ps", written, {"train": [0, 1, 2, 4], "val": [3], "test": []},
                                       human, auto)
-    cfg = {"posescript": {"amass_root": str(amass_root)}}
+    cfg = DatasetsConfig.from_dict({"posescript": {"amass_root": str(amass_root)}}, where="datasets")
     return cfg, written, id_map, human, auto
 
 
@@ -197,3 +201,91 @@ def test_posescript_missing_release_file(tmp_path):
     (tmp_path / "ps/val_ids_100k.json").unlink()
     with pytest.raises(ConversionError, match="val_ids_100k.json.*download"):
         convert("posescript", cfg, tmp_path / "ps", {"val": tmp_path / "v.h5"}, None, progress=False)
+
+
+# ----------------------------------------------------------------------------- bad input (#17)
+
+def _emptied(path):
+    """Rewrite an AMASS sequence with 0 frames (as an interrupted export leaves it)."""
+    data = dict(np.load(path))
+    data["poses"], data["trans"] = data["poses"][:0], data["trans"][:0]
+    np.savez(path, **data)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda b: b[: len(b) // 2], "truncated or corrupt .npz"),
+    (lambda b: b"", "truncated or corrupt .npz"),
+    (lambda b: b"<html>502 Bad Gateway</html>", "not an .npz archive"),
+])
+def test_amass_truncated_npz_names_the_file_and_the_fix(tmp_path, damage, problem):
+    raw = tmp_path / "raw"
+    write_amass_tree(raw, {"CMU": 2, "HumanEva": 1}, n_frames=6)
+    bad = raw / "CMU/subject1/seq1_poses.npz"
+    bad.write_bytes(damage(bad.read_bytes()))
+    out_dir = tmp_path / "out"
+    with pytest.raises(ConversionError) as err:
+        convert("amass", _amass_cfg(), raw, {"train": out_dir / "train.h5"}, None, progress=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: '/': {problem}") and "download" in msg and "\n" not in msg
+    assert not out_dir.exists()
+
+
+def test_amass_empty_sequences_are_skipped_with_a_warning(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    write_amass_tree(raw, {"CMU": 2, "HumanEva": 1}, n_frames=12)
+    empty = raw / "CMU/subject1/seq0_poses.npz"
+    _emptied(empty)
+    out = {"train": tmp_path / "out/train.h5"}
+    metrics = {}
+
+    class Tracker:
+        def log_params(self, d):
+            pass
+
+        def log_metrics(self, d, step=None):
+            metrics.update(d)
+
+    with caplog.at_level("WARNING", logger="poserft.data.converters.amass"):
+        convert("amass", _amass_cfg(), raw, out, None, tracker=Tracker(), progress=False)
+    r = SplitReader(out["train"])
+    assert set(r.read("meta/sequence")) == {"CMU/subject1/seq1_poses.npz"} and r.num_poses == 4
+    assert metrics["train/n_empty_sequences"] == 1
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warned) == 1 and str(empty) in warned[0] and "0 frames" in warned[0]
+
+
+def test_amass_split_of_only_empty_sequences_names_them(tmp_path):
+    raw = tmp_path / "raw"
+    write_amass_tree(raw, {"CMU": 1, "HumanEva": 2}, n_frames=6)
+    for k in (0, 1):
+        _emptied(raw / f"HumanEva/subject1/seq{k}_poses.npz")
+    out_dir = tmp_path / "out"
+    with pytest.raises(ConversionError) as err:
+        convert("amass", _amass_cfg(), raw, {"train": out_dir / "train.h5", "val": out_dir / "val.h5"},
+                None, progress=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{raw / 'HumanEva/subject1/seq0_poses.npz'}: 'poses': 0 frames")
+    assert "HumanEva/subject1/seq1_poses.npz" in msg and "datasets.amass.splits.val" in msg
+    assert not out_dir.exists()
+
+
+def test_posescript_empty_captions_are_reported(tmp_path, caplog):
+    amass_root = tmp_path / "amass"
+    written = write_amass_tree(amass_root, {"CMU": 1}, n_frames=10)
+    human = {0: "Arms up.", 1: "   ", 2: ["Knees bent.", ""]}
+    auto = {0: ["auto a"], 3: [""], 4: ["auto e"]}
+    write_posescript_release(tmp_path / "ps", written, {"train": [0, 1, 2, 3, 4], "val": [],
+                                                        "test": []}, human, auto)
+    out = {"train": tmp_path / "train.h5"}
+    with caplog.at_level("WARNING", logger="poserft.data.converters.posescript"):
+        convert("posescript", DatasetsConfig.from_dict(
+                    {"posescript": {"amass_root": str(amass_root)}}, where="datasets"),
+                tmp_path / "ps", out, None, progress=False)
+    np.testing.assert_array_equal(SplitReader(out["train"]).read("meta/posescript_id"), [0, 2, 4])
+    warned = sorted(rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING")
+    assert len(warned) == 2
+    auto_msg, human_msg = warned          # sorted by file name: ..._auto_... < ..._human_...
+    assert auto_msg.startswith(str(tmp_path / "ps/posescript_auto_100k.json"))
+    assert "1 empty caption(s)" in auto_msg and "pose ids 3" in auto_msg
+    assert human_msg.startswith(str(tmp_path / "ps/posescript_human_6293.json"))
+    assert "2 empty caption(s)" in human_msg and "pose ids 1, 2" in human_msg

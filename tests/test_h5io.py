@@ -197,3 +197,112 @@ def test_captions_optional_but_empty_caption_group_is_valid(tmp_path):
     path = write_split(tmp_path / "empty.h5", arrays, ATTRS)
     assert validate_split(path)["M"] == 0
     assert json.loads(h5py.File(path, "r").attrs["converter_params"])["seed"] == 3
+
+
+# ----------------------------------------------------------------------------- bad files on open (#17)
+
+def test_truncated_split_names_the_path_and_the_fix(tmp_path):
+    path = write_split(tmp_path / "data/amass/train.h5", make_arrays(n=300), ATTRS)
+    path.write_bytes(path.read_bytes()[:4000])
+    for open_reader in (lambda: SplitReader(path), lambda: SplitReader(path, validate=False).num_poses):
+        with pytest.raises(DataValidationError) as info:
+            open_reader()
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: '/': not a readable HDF5 file, probably truncated or corrupt")
+        assert "`snakemake --forcerun convert_amass`" in msg and "\n" not in msg
+
+
+def test_reader_validates_on_open_and_can_skip_it(tmp_path):
+    path = write_split(tmp_path / "data/synthetic/val.h5", make_arrays(), ATTRS)
+    _corrupt(path, lambda f: f["joints"].__setitem__((5, 0, 2), np.nan))
+    with pytest.raises(DataValidationError) as info:
+        SplitReader(path)
+    assert str(info.value) == (f"{path}: 'joints': contains NaN/inf (first at row 5); regenerate "
+                               "it: `snakemake --forcerun synthesize` (or delete it and rerun)")
+    r = SplitReader(path, validate=False)          # explicit opt-out: inspect / repair
+    assert np.isnan(r.joints(5)[0, 2]) and r.lengths is None
+
+
+def test_reader_validates_each_file_version_once(tmp_path, monkeypatch):
+    from poserft.data import h5io
+
+    calls = []
+    real = h5io.validate_split
+    monkeypatch.setattr(h5io, "validate_split", lambda p, **kw: calls.append(p) or real(p, **kw))
+    path = write_split(tmp_path / "a.h5", make_arrays(), ATTRS)
+    assert SplitReader(path).lengths == {"N": 7, "M": 11, "Q": 4}
+    SplitReader(path)
+    assert len(calls) == 1
+    write_split(path, make_arrays(n=5, m=3, q=2), ATTRS)     # a new version is checked again
+    assert SplitReader(path).lengths == {"N": 5, "M": 3, "Q": 2} and len(calls) == 2
+
+
+def _bad_body_pose(f):
+    data = f["poses/body_pose"][:, :21]
+    del f["poses/body_pose"]
+    f.create_dataset("poses/body_pose", data=data)          # SMPL-H count (N,21,3)
+
+
+@pytest.mark.parametrize("make_dataset, corruption, dataset, problem", [
+    ("caption", lambda f: f["joints"].__setitem__((5, 3, 1), np.nan), "joints",
+     "contains NaN/inf (first at row 5)"),
+    ("image", lambda f: f["keypoints2d"].__setitem__((3, 0, 0), np.inf), "keypoints2d",
+     "contains NaN/inf (first at row 3)"),
+    ("caption", lambda f: f["poses/body_pose"].__setitem__((4, 7, 0), np.nan), "poses/body_pose",
+     "contains NaN/inf (first at row 4)"),
+    ("vqa", _bad_body_pose, "poses/body_pose", "shape (7, 21, 3) != expected (N, 23, 3)"),
+    ("image", _bad_body_pose, "poses/body_pose", "shape (7, 21, 3) != expected (N, 23, 3)"),
+])
+def test_datasets_reject_bad_splits_naming_file_dataset_and_row(tmp_path, make_dataset, corruption,
+                                                               dataset, problem):
+    from poserft.data.dataset import CaptionPoseDataset, ImagePoseDataset, VQADataset
+
+    path = write_split(tmp_path / "data/synthetic/train.h5", make_arrays(), ATTRS)
+    _corrupt(path, corruption)
+    cls = {"caption": CaptionPoseDataset, "image": ImagePoseDataset, "vqa": VQADataset}[make_dataset]
+    with pytest.raises(DataValidationError) as info:
+        ds = cls(path)
+        [ds[i] for i in range(len(ds))]
+    err = info.value
+    assert (err.file, err.dataset) == (str(path), dataset) and err.problem.startswith(problem)
+    assert "snakemake --forcerun synthesize" in str(err) and "\n" not in str(err)
+
+
+def test_write_splits_restores_previous_files_when_a_replace_fails(tmp_path, monkeypatch):
+    from poserft.data import h5io
+
+    paths = [tmp_path / "train.h5", tmp_path / "val.h5"]
+    h5io.write_splits({p: (make_arrays(seed=1), ATTRS) for p in paths})
+    before = [p.read_bytes() for p in paths]
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(dst) == str(paths[1]) and str(src).endswith(".tmp"):
+            raise OSError("stale file handle")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(h5io.os, "replace", failing)
+    with pytest.raises(OSError, match="stale"):
+        h5io.write_splits({p: (make_arrays(seed=2), ATTRS) for p in paths})
+    monkeypatch.undo()
+    assert [p.read_bytes() for p in paths] == before            # train.h5 was put back
+    assert sorted(os.listdir(tmp_path)) == ["train.h5", "val.h5"]
+    # a bad split anywhere fails before anything is written
+    bad = make_arrays(seed=3)
+    bad["joints"][2, 0, 0] = np.nan
+    with pytest.raises(DataValidationError, match=r"val\.h5: 'joints': contains NaN/inf \(first at row 2\)"):
+        h5io.write_splits({paths[0]: (make_arrays(seed=3), ATTRS), paths[1]: (bad, ATTRS)})
+    assert [p.read_bytes() for p in paths] == before
+
+
+def test_written_splits_honour_the_umask(tmp_path):
+    from poserft.data import h5io
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        a = write_split(tmp_path / "a.h5", make_arrays(), ATTRS)
+        b, = h5io.write_splits({tmp_path / "b.h5": (make_arrays(), ATTRS)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(a.stat().st_mode) == stat.S_IMODE(b.stat().st_mode) == 0o664

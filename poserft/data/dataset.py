@@ -1,5 +1,11 @@
-"""Torch datasets over split files (lazy: nothing is read before the first item, and each
-DataLoader worker opens its own HDF5 handle through :class:`SplitReader`).
+"""Torch datasets over split files (each DataLoader worker opens its own HDF5 handle
+through :class:`SplitReader`).
+
+The constructor validates the split once (``SplitReader``'s check on open: schema, row
+counts, shapes, finite float datasets), so a NaN in ``/joints`` or ``/keypoints2d``, a
+``body_pose`` of the wrong shape or a truncated file fails there with a one-line
+``DataValidationError`` naming the file, the dataset, the first bad row and the fix,
+instead of reaching a batch. Items themselves are read lazily.
 
 * :class:`CaptionPoseDataset` — one item per caption: text, 144-D pose vector, joints.
 * :class:`ImagePoseDataset` — one item per pose with an image: image tensor, the pose

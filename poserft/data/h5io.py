@@ -22,14 +22,21 @@ M captions, Q VQA pairs; see docs/interfaces.md)::
 
 The writer checks the arrays against this schema *before* touching the disk, then writes
 a temp file in the target folder and ``os.replace``-s it, so a reader never sees a partial
-file. The reader opens the file lazily in the process that first reads it (DataLoader
-workers each get their own handle; no handle is pickled).
+file; :func:`write_splits` does the same for several splits as one unit (all replaced, or
+none touched). :class:`SplitReader` validates a file once when it is opened (schema, row
+counts, shapes, finite floats; cached per file version in the process) and opens the HDF5
+handle lazily in the process that first reads it (DataLoader workers each get their own
+handle; no handle is pickled). Every error about a file on disk is a one-line
+:class:`DataValidationError` naming the file, the dataset, the row where one applies, and
+how to regenerate the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +46,8 @@ import h5py
 import numpy as np
 
 __all__ = ["SCHEMA_VERSION", "SCHEMA", "REQUIRED_KEYS", "KEY_GROUPS", "REQUIRED_ATTRS",
-           "DataValidationError", "write_split", "SplitReader", "validate_split"]
+           "DataValidationError", "write_split", "write_splits", "SplitReader",
+           "validate_split"]
 
 SCHEMA_VERSION = 1
 
@@ -96,6 +104,23 @@ class DataValidationError(ValueError):
         super().__init__(f"{self.file}: '{dataset}': {problem}")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _regenerate_hint(path: str | os.PathLike, source: str | None = None) -> str:
+    """How to rebuild split file ``path`` (written by dataset/synthesizer ``source``)."""
+    from poserft.data.converters.config import DATASET_NAMES
+    for name in (source, Path(path).parent.name):
+        if name == "synthetic":
+            return "regenerate it: `snakemake --forcerun synthesize` (or delete it and rerun)"
+        if name in DATASET_NAMES:
+            return (f"regenerate it: `snakemake --forcerun convert_{name}` (or delete it and "
+                    "rerun)")
+    return ("regenerate it: delete it and rerun the step that wrote it (`snakemake --forcerun "
+            "convert_<dataset>` for data/<dataset>/*.h5, `synthesize` for data/synthetic/*.h5)")
+
+
 # ----------------------------------------------------------------------------- checks
 
 def _is_string_array(a: Any) -> bool:
@@ -128,8 +153,8 @@ def _check_attrs(attrs: Mapping[str, Any], label: str) -> None:
     if not isinstance(version, int) or version != SCHEMA_VERSION:
         raise DataValidationError(
             label, "attrs.schema_version",
-            f"schema version {version!r} != {SCHEMA_VERSION} expected by this code; "
-            "re-run the converter/synthesizer that produced the file")
+            f"schema version {version!r} != {SCHEMA_VERSION}, the version this code reads and "
+            "writes")
     for name in ("source", "split", "body_model", "converter_params"):
         if not isinstance(attrs[name], str):
             raise DataValidationError(label, f"attrs.{name}",
@@ -139,6 +164,15 @@ def _check_attrs(attrs: Mapping[str, Any], label: str) -> None:
     except json.JSONDecodeError as exc:
         raise DataValidationError(label, "attrs.converter_params",
                                   f"not valid JSON ({exc})") from None
+
+
+def _read_block(a: Any, rows: slice, label: str, key: str) -> np.ndarray:
+    try:
+        return np.asarray(a[rows])
+    except OSError as exc:   # h5py: a truncated / corrupt file can open but not be read
+        raise DataValidationError(label, key, f"rows {rows.start}..{rows.stop - 1} cannot be "
+                                  f"read, the file is truncated or corrupt ({_one_line(exc)})"
+                                  ) from None
 
 
 def _check_tree(items: Mapping[str, Any], label: str) -> dict[str, int]:
@@ -188,7 +222,7 @@ def _check_tree(items: Mapping[str, Any], label: str) -> dict[str, int]:
         if key not in items or spec.kind != "float":
             continue
         for rows in _row_blocks(items[key].shape[0]):
-            block = np.asarray(items[key][rows])
+            block = _read_block(items[key], rows, label, key)
             bad_rows = ~np.isfinite(block).reshape(len(block), -1).all(axis=1)
             if bad_rows.any():
                 bad = rows.start + int(np.argmax(bad_rows))
@@ -197,7 +231,7 @@ def _check_tree(items: Mapping[str, Any], label: str) -> dict[str, int]:
         if key not in items:
             continue
         for rows in _row_blocks(items[key].shape[0]):
-            block = np.asarray(items[key][rows])
+            block = _read_block(items[key], rows, label, key)
             out = (block < 0) | (block >= n)
             if out.any():
                 row = rows.start + int(np.argmax(out))
@@ -207,25 +241,55 @@ def _check_tree(items: Mapping[str, Any], label: str) -> dict[str, int]:
     return {k: v for k, v in lengths.items()}
 
 
-def validate_split(path: str | os.PathLike) -> dict[str, int]:
+def validate_split(path: str | os.PathLike, *, require_attrs: bool = True) -> dict[str, int]:
     """Check a split file against the schema; return ``{"N":…, "M":…, "Q":…}`` lengths.
 
-    Raises DataValidationError naming the file, the dataset (or ``attrs.<name>``) and the
-    problem: missing key, wrong shape/dtype, NaN/inf, schema version, pose index range.
+    Raises a one-line DataValidationError naming the file, the dataset (or
+    ``attrs.<name>``), the problem (missing key, wrong shape/dtype, NaN/inf with its first
+    row, schema version, pose index range, truncated/unreadable file) and how to
+    regenerate the file. ``require_attrs=False`` (what readers use) checks the file
+    attributes only when the file has any of them (write_split always writes them all), so
+    a hand-made file holding just the datasets can still be read.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataValidationError(path, "/", "file does not exist")
+        raise DataValidationError(path, "/", f"file does not exist; {_regenerate_hint(path)}")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise DataValidationError(path, "/", f"not a readable HDF5 file ({exc})") from None
+        raise DataValidationError(path, "/", f"not a readable HDF5 file, probably truncated or "
+                                  f"corrupt ({_one_line(exc)}); {_regenerate_hint(path)}") from None
     with f:
-        _check_attrs(dict(f.attrs), str(path))
-        items: dict[str, h5py.Dataset] = {}
-        f.visititems(lambda name, obj: items.__setitem__(name, obj)
-                     if isinstance(obj, h5py.Dataset) else None)
-        return _check_tree(items, str(path))
+        source = None
+        try:
+            attrs = dict(f.attrs)
+            source = attrs.get("source") if isinstance(attrs.get("source"), str) else None
+            if require_attrs or any(name in attrs for name in REQUIRED_ATTRS):
+                _check_attrs(attrs, str(path))
+            items: dict[str, h5py.Dataset] = {}
+            f.visititems(lambda name, obj: items.__setitem__(name, obj)
+                         if isinstance(obj, h5py.Dataset) else None)
+            return _check_tree(items, str(path))
+        except DataValidationError as err:
+            raise DataValidationError(err.file, err.dataset, f"{err.problem}; "
+                                      f"{_regenerate_hint(path, source)}") from None
+        except OSError as exc:  # attribute / group metadata unreadable
+            raise DataValidationError(path, "/", f"cannot be read, probably truncated or corrupt "
+                                      f"({_one_line(exc)}); {_regenerate_hint(path, source)}"
+                                      ) from None
+
+
+# Files already validated in this process: (path, device, inode, size, mtime) -> lengths.
+_VALIDATED: dict[tuple, dict[str, int]] = {}
+
+
+def _validate_once(path: Path) -> dict[str, int]:
+    """:func:`validate_split`, skipped when this very file version passed before."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _VALIDATED:
+        _VALIDATED[key] = validate_split(path, require_attrs=False)
+    return dict(_VALIDATED[key])
 
 
 # ----------------------------------------------------------------------------- writing
@@ -277,22 +341,10 @@ def _current_umask() -> int:
     return mask
 
 
-def write_split(path: str | os.PathLike, arrays: Mapping[str, Any], attrs: Mapping[str, Any],
-                *, compression: str = "gzip") -> Path:
-    """Validate ``arrays`` and write them atomically to ``path``.
-
-    arrays: ``{"poses/global_orient": (N,3), …}`` (slash keys, or nested dicts) of numpy
-        arrays / lists of str. Floats are stored as float32, indices as int64, strings as
-        variable-length UTF-8.
-    attrs: ``source``, ``split``, ``body_model`` (str) and ``converter_params`` (dict, or a
-        JSON string); ``schema_version`` is added (if given it must equal SCHEMA_VERSION).
-    compression: "gzip" (portable) or "lzf" (faster, h5py-only).
-    Nothing is left at ``path`` (nor a temp file) if validation or writing fails.
-    """
-    path = Path(path)
+def _prepare(path: str | os.PathLike, arrays: Mapping[str, Any], attrs: Mapping[str, Any]
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Storage arrays and attributes for ``path``, checked against the schema (no disk I/O)."""
     label = str(path)
-    if compression not in ("gzip", "lzf"):
-        raise ValueError(f"write_split: compression must be 'gzip' or 'lzf', got {compression!r}")
     flat = _flatten(arrays)
     data = {key: _as_array(key, value, label) for key, value in flat.items()}
     attrs = dict(attrs)
@@ -303,7 +355,15 @@ def write_split(path: str | os.PathLike, arrays: Mapping[str, Any], attrs: Mappi
     attrs.setdefault("converter_params", "{}")
     _check_attrs(attrs, label)
     _check_tree(data, label)
+    return data, attrs
 
+
+def _write_temp(path: Path, data: Mapping[str, np.ndarray], attrs: Mapping[str, Any],
+                compression: str) -> str:
+    """Write a temp file next to ``path`` (mode ``0o666 & ~umask``); return its name.
+
+    The temp file is removed if writing fails.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -323,12 +383,101 @@ def write_split(path: str | os.PathLike, arrays: Mapping[str, Any], attrs: Mappi
                 else:
                     f.create_dataset(key, data=a, **kw)
         os.chmod(tmp_name, 0o666 & ~_current_umask())   # mkstemp made it 0600
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_name)
+        raise
+    return tmp_name
+
+
+def _check_compression(compression: str) -> None:
+    if compression not in ("gzip", "lzf"):
+        raise ValueError(f"write_split: compression must be 'gzip' or 'lzf', got {compression!r}")
+
+
+def write_split(path: str | os.PathLike, arrays: Mapping[str, Any], attrs: Mapping[str, Any],
+                *, compression: str = "gzip") -> Path:
+    """Validate ``arrays`` and write them atomically to ``path``.
+
+    arrays: ``{"poses/global_orient": (N,3), …}`` (slash keys, or nested dicts) of numpy
+        arrays / lists of str. Floats are stored as float32, indices as int64, strings as
+        variable-length UTF-8.
+    attrs: ``source``, ``split``, ``body_model`` (str) and ``converter_params`` (dict, or a
+        JSON string); ``schema_version`` is added (if given it must equal SCHEMA_VERSION).
+    compression: "gzip" (portable) or "lzf" (faster, h5py-only).
+    Nothing is left at ``path`` (nor a temp file) if validation or writing fails; the file
+    gets the mode a plain ``open()`` would give (``0o666 & ~umask``).
+    """
+    path = Path(path)
+    _check_compression(compression)
+    data, attrs = _prepare(path, arrays, attrs)
+    tmp_name = _write_temp(path, data, attrs, compression)
+    try:
         os.replace(tmp_name, path)
     except BaseException:
-        if os.path.exists(tmp_name):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_name)
         raise
     return path
+
+
+def _backup(path: Path) -> str | None:
+    """A hard link (or copy) of an existing ``path`` next to it; None if there is no file."""
+    if not path.is_file():
+        return None
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bak", dir=path.parent)
+    os.close(fd)
+    os.remove(name)
+    try:
+        os.link(path, name)
+    except OSError:                      # file systems without hard links
+        shutil.copy2(path, name)
+    return name
+
+
+def write_splits(jobs: Mapping[str | os.PathLike, tuple[Mapping[str, Any], Mapping[str, Any]]],
+                 *, compression: str = "gzip") -> list[Path]:
+    """Write several split files as one unit: ``{path: (arrays, attrs)}`` (see write_split).
+
+    Every split is validated, then written to a temp file next to its target; only when
+    all of them are written are the targets replaced (the previous files are kept as hard
+    links until then and put back if a replace fails). So a failure anywhere leaves every
+    target exactly as it was, the previous good files included, and no temp file behind.
+    Files get the mode a plain ``open()`` would give (``0o666 & ~umask``).
+    """
+    _check_compression(compression)
+    prepared = [(Path(path), *_prepare(path, arrays, attrs))
+                for path, (arrays, attrs) in jobs.items()]
+    temps: list[str] = []
+    backups: list[tuple[Path, str | None]] = []     # targets already replaced
+    try:
+        for path, data, attrs in prepared:
+            temps.append(_write_temp(path, data, attrs, compression))
+        for (path, _, _), tmp_name in zip(prepared, temps):
+            backup = _backup(path)
+            try:
+                os.replace(tmp_name, path)
+            except BaseException:
+                if backup is not None:           # ``path`` still is the previous file
+                    os.remove(backup)
+                raise
+            backups.append((path, backup))
+    except BaseException:
+        for path, backup in reversed(backups):       # put the previous files back
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, path)
+                elif path.exists():
+                    path.unlink()
+        for name in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name)
+        raise
+    for _, backup in backups:
+        if backup is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(backup)
+    return [path for path, _, _ in prepared]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -364,18 +513,28 @@ def _take(ds: h5py.Dataset, index: Index, label: str) -> Any:
 
 
 class SplitReader:
-    """Lazy, fork/pickle-safe reader of one split file.
+    """Lazy, fork/pickle-safe reader of one split file, validated when it is opened.
+
+    ``validate`` (default True): check the file with :func:`validate_split` in the
+    constructor (required datasets, row counts, shapes and dtypes, finite float datasets,
+    pose index ranges, the schema version; attributes only if the file has any; uint8
+    images are not scanned), so a bad file fails here with a one-line DataValidationError
+    naming the file, the dataset, the first bad row and the fix, rather than deep inside a
+    training step. A file version (path, inode, size, mtime) that passed once is not
+    re-checked in the same process; DataLoader workers inherit the check. Pass
+    ``validate=False`` only for a file that is being inspected or repaired.
 
     The h5py handle is opened on first access in the current process (per DataLoader
     worker) and is never pickled. Index arguments accept an int, slice, int/bool array or
     None (everything).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, validate: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: split file does not exist (run the rule that "
                                     "produces it, e.g. `snakemake data/synthetic/train.h5`)")
+        self.lengths: dict[str, int] | None = _validate_once(self.path) if validate else None
         self._file: h5py.File | None = None
         self._pid: int | None = None
 
@@ -383,7 +542,12 @@ class SplitReader:
     @property
     def file(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as exc:
+                raise DataValidationError(
+                    self.path, "/", f"not a readable HDF5 file, probably truncated or corrupt "
+                    f"({_one_line(exc)}); {_regenerate_hint(self.path)}") from None
             self._pid = os.getpid()
         return self._file
 
@@ -420,7 +584,12 @@ class SplitReader:
         if key not in self.file:
             raise KeyError(f"{self.path}: dataset '{key}' is not in this file "
                            f"(has: {self.keys()})")
-        return _take(self.file[key], index, str(self.path))
+        try:
+            return _take(self.file[key], index, str(self.path))
+        except OSError as exc:   # only with validate=False, or a file changed after opening
+            raise DataValidationError(
+                self.path, key, f"cannot be read, the file is truncated or corrupt "
+                f"({_one_line(exc)}); {_regenerate_hint(self.path)}") from None
 
     @property
     def attrs(self) -> dict[str, Any]:

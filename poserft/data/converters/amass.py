@@ -14,10 +14,17 @@ Each sequence is resampled to ``target_fps``; the 22 shared body joints become S
 to our y-up frame (see ``common``), optionally removing the root heading. The sequence
 path and original frame index of every row are kept in ``/meta/sequence`` and
 ``/meta/frame``.
+
+Empty sequences (``poses`` with 0 frames, e.g. from a failed export or unpack) are
+skipped, each with a logged warning naming the file, and counted in the split's
+``n_empty_sequences`` metric: one bad take should not stop a conversion of thousands.
+Only when *no* frame at all is left in a split does the conversion fail, with a
+ConversionError naming the empty files.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,8 @@ from poserft.data.converters.common import (
     smpl_family_to_smpl, subsample_by_fps)
 
 __all__ = ["build_amass", "read_amass_sequence", "amass_to_canonical", "list_sequences"]
+
+log = logging.getLogger(__name__)
 
 _FPS_KEYS = ("mocap_framerate", "mocap_frame_rate")
 
@@ -92,8 +101,14 @@ def build_amass(source: Any, raw_dir: Path, splits: list[str], body: Any, cfg: A
             raise ConversionError(raw_dir, f"splits.{split}", f"no sequence .npz files under "
                                   f"{source.splits[split]}")
         total = 0
+        empty: list[str] = []
         for path in tqdm(files, desc=f"amass/{split}", disable=not progress, leave=False):
             seq = read_amass_sequence(path)
+            if len(seq["poses"]) == 0:
+                empty.append(os.path.relpath(path, raw_dir))
+                log.warning("%s: 'poses': 0 frames; skipping this sequence (split %r). Re-download "
+                            "or re-unpack it if it should have frames.", path, split)
+                continue
             idx = subsample_by_fps(len(seq["poses"]), seq["fps"], source.target_fps)
             if source.max_samples:
                 idx = idx[: max(0, source.max_samples - total)]
@@ -109,6 +124,12 @@ def build_amass(source: Any, raw_dir: Path, splits: list[str], body: Any, cfg: A
             total += len(idx)
             if source.max_samples and total >= source.max_samples:
                 break
+        if not total:
+            shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} files)" if len(empty) > 5 else "")
+            raise ConversionError(raw_dir / empty[0] if empty else raw_dir, "poses", f"0 frames, as in every sequence of "
+                                  f"split {split!r} ({shown}); nothing is left to convert: "
+                                  "re-download or re-unpack these sequences, or remove their "
+                                  f"sub-dataset from datasets.amass.splits.{split}")
         arrays = {f"poses/{k}": np.concatenate(v) for k, v in rows.items()}
         arrays["joints"] = compute_joints(body, arrays["poses/global_orient"], arrays["poses/body_pose"],
                                           arrays["poses/betas"], arrays["poses/transl"],
@@ -116,5 +137,6 @@ def build_amass(source: Any, raw_dir: Path, splits: list[str], body: Any, cfg: A
         arrays["meta/sequence"] = seq_names
         arrays["meta/frame"] = np.concatenate(frames).astype(np.int64)
         out[split] = SplitArrays(arrays, params={"frame": "y-up (AMASS z-up rotated by -90 deg about x)"},
-                                 stats={"n_sequences": len(set(seq_names))})
+                                 stats={"n_sequences": len(set(seq_names)),
+                                        "n_empty_sequences": len(empty)})
     return out

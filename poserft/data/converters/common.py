@@ -21,6 +21,8 @@ pointing sideways); there the yaw falls back to 0.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -30,7 +32,7 @@ __all__ = ["ConversionError", "SplitArrays", "require", "checked_array", "ZUP_TO
            "axis_angle_to_matrix_np", "matrix_to_axis_angle_np", "rotation_about_y",
            "smpl_family_to_smpl", "rotate_world", "root_yaw", "remove_root_yaw",
            "pelvis_rest_positions", "compute_joints", "subsample_by_fps", "stride_rows",
-           "fit_betas", "iter_sorted", "load_npz"]
+           "fit_betas", "load_npz"]
 
 
 class ConversionError(ValueError):
@@ -251,20 +253,46 @@ def load_npz(path: str | os.PathLike, keys: Iterable[str] | None = None) -> NpzC
     """Arrays of an ``.npz`` (all, or only ``keys`` that exist; no pickles).
 
     Missing keys are simply absent (``require`` then names them and lists ``available``).
+    A file that cannot be read (truncated or corrupt download, not an ``.npz`` at all, an
+    array of pickled objects) raises a one-line ConversionError naming it and the fix.
     """
+    field_name = "/"
     try:
-        with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)
+        if not hasattr(loaded, "files"):      # a plain .npy array, not an .npz archive
+            raise ConversionError(path, "/", "is a single .npy array, not an .npz archive of "
+                                             "named arrays; delete it and download it again")
+        with loaded as data:
             names = list(data.files)
             wanted = names if keys is None else [k for k in keys if k in names]
-            out = NpzContents({k: data[k] for k in wanted})
+            out = NpzContents()
+            for field_name in wanted:
+                out[field_name] = data[field_name]
+    except ConversionError:
+        raise
     except FileNotFoundError:
         raise ConversionError(path, "/", "file does not exist") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise ConversionError(path, "/", f"not a readable .npz without pickled objects ({exc})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise ConversionError(path, field_name, f"truncated or corrupt .npz ({_one_line(exc)}); "
+                              "delete it and download (unpack) it again from the dataset's site") from None
+    except ValueError as exc:
+        if field_name != "/" and "pickle" in str(exc):   # an object array inside the archive
+            raise ConversionError(path, field_name, f"cannot be read without unpickling "
+                                  f"({_one_line(exc)}); re-download the original release file, "
+                                  "whose arrays are plain numbers/strings") from None
+        if field_name != "/":
+            raise ConversionError(path, field_name, f"truncated or corrupt array ({_one_line(exc)}); "
+                                  "delete the file and download (unpack) it again") from None
+        raise ConversionError(path, "/", "not an .npz archive (no zip or .npy header; numpy would "
+                              "have to unpickle it, which is never done); it is truncated, corrupt "
+                              "or another format: delete it and download it again") from None
+    except OSError as exc:
+        raise ConversionError(path, field_name, f"cannot be read ({_one_line(exc)}); check its "
+                              "permissions, or delete it and download it again") from None
     out.available = names
     return out
 
 
-def iter_sorted(paths: Iterable[os.PathLike | str]) -> list[str]:
-    """Sorted string paths (deterministic conversion order)."""
-    return sorted(str(p) for p in paths)
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line (error messages here are one line each)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -19,6 +19,7 @@ removed as PoseScript does. Captions are flattened to ``/captions/text`` with
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from poserft.data.converters.amass import amass_to_canonical, read_amass_sequenc
 from poserft.data.converters.common import ConversionError, SplitArrays, compute_joints
 
 __all__ = ["build_posescript", "read_json", "load_captions", "ID_MAP_FILE", "SPLIT_FILE"]
+
+log = logging.getLogger(__name__)
 
 ID_MAP_FILE = "ids_2_dataset_sequence_and_frame_index_100k.json"
 SPLIT_FILE = "{}_ids_100k.json"
@@ -45,9 +48,16 @@ def read_json(path: Path) -> Any:
 
 
 def load_captions(paths: list[Path]) -> dict[int, list[str]]:
-    """Union of caption files: pose id -> captions (a str value counts as one caption)."""
+    """Union of caption files: pose id -> captions (a str value counts as one caption).
+
+    Empty (or whitespace-only) captions are dropped, with one logged warning per file
+    giving their count and the first pose ids that have them; a pose left without any
+    caption is then dropped from its split when ``drop_uncaptioned`` is on.
+    """
     captions: dict[int, list[str]] = {}
     for path in paths:
+        empty_ids: list[int] = []
+        n_empty = 0
         data = read_json(path)
         if not isinstance(data, dict):
             raise ConversionError(path, "/", "expected an object {pose id: caption(s)}")
@@ -59,7 +69,15 @@ def load_captions(paths: list[Path]) -> dict[int, list[str]]:
                 pid = int(key)
             except ValueError:
                 raise ConversionError(path, str(key), "pose id is not an integer") from None
-            captions.setdefault(pid, []).extend(t.strip() for t in texts if t.strip())
+            kept = [t.strip() for t in texts if t.strip()]
+            if len(kept) < len(texts):
+                n_empty += len(texts) - len(kept)
+                empty_ids.append(pid)
+            captions.setdefault(pid, []).extend(kept)
+        if n_empty:
+            shown = ", ".join(map(str, empty_ids[:5])) + (", ..." if len(empty_ids) > 5 else "")
+            log.warning("%s: %d empty caption(s) dropped (pose ids %s); a pose left without any "
+                        "caption is dropped from its split (drop_uncaptioned)", path, n_empty, shown)
     return captions
 
 
