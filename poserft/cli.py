@@ -11,8 +11,10 @@ forward kinematics), ``vec6d (S,144)``, ``pose_valid (S,)`` and ``texts (S,)``. 
 is the greedy answer with the head's mean pose; more samples are drawn at
 ``--temperature``.
 
-Errors (missing checkpoint, unreadable image, wrong image kind) print one line naming the
-path and the fix, and exit with status 1; nothing is written then.
+Errors (missing or truncated checkpoint, unreadable image, wrong image kind, empty
+``--text``) print one line naming the path and the fix, and exit with status 1; nothing is
+written then. An image much smaller than the model's vision input (a side under 8 px or under
+a quarter of the input side) gets a one-line warning on stderr; the pose is still generated.
 """
 
 from __future__ import annotations
@@ -82,17 +84,44 @@ def load_image(path: str | os.PathLike):
 # ------------------------------------------------------------------------- commands --
 def _count_parameters(weights: Path) -> tuple[int, int]:
     """(parameters, tensors) from the safetensors header, without loading the weights."""
-    from safetensors import safe_open
+    from poserft.model.io import PolicyCheckpointError, read_weights_header
 
-    total, count = 0, 0
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            n = 1
-            for d in f.get_slice(key).get_shape():
-                n *= int(d)
-            total += n
-            count += 1
-    return total, count
+    try:
+        shapes = read_weights_header(weights)
+    except PolicyCheckpointError as exc:      # truncated / corrupt: names the file and the fix
+        raise CliError(str(exc)) from None
+    total = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total, len(shapes)
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
+
+
+def vision_input_size(policy) -> tuple[int, int]:
+    """(height, width) the policy resizes images to: the largest of its vision encoders'."""
+    sizes = [_pair(policy.backbone.config.vision_config.image_size)]
+    if getattr(policy, "pose_encoder", None) is not None:
+        sizes.append(_pair(policy.pose_encoder.image_size))
+    return max(sizes, key=lambda hw: hw[0] * hw[1])
+
+
+def small_image_warning(path: str | os.PathLike, shape: Sequence[int],
+                        model_hw: tuple[int, int]) -> str | None:
+    """A one-line warning if an (H,W,...) image is much smaller than the model's input
+    (a side under 8 px or under a quarter of the input side), else None."""
+    h, w = int(shape[0]), int(shape[1])
+    mh, mw = model_hw
+    if min(h, w) >= 8 and 4 * h >= mh and 4 * w >= mw:
+        return None
+    return (f"image {path} is {w}x{h} px, much smaller than the model's {mw}x{mh} px vision "
+            f"input: it is upscaled and the pose will mostly be a guess; pass a larger image "
+            f"of the person (at least {max(8, -(-mw // 4))}x{max(8, -(-mh // 4))} px)")
 
 
 def describe_checkpoint(path: str | os.PathLike) -> dict:
@@ -137,6 +166,9 @@ def generate(checkpoint: str | os.PathLike, text: str | None = None, image: str 
 
     if (text is None) == (image is None):
         raise CliError("give exactly one of --text or --image")
+    if text is not None and not text.strip():
+        raise CliError("--text is empty; give a description of the pose, e.g. "
+                       "--text \"The person is squatting with the knees bent.\"")
     if samples < 1:
         raise CliError(f"--samples must be >= 1, got {samples}")
     d = _policy_dir(checkpoint)
@@ -147,9 +179,15 @@ def generate(checkpoint: str | os.PathLike, text: str | None = None, image: str 
 
     try:
         policy = load_policy(d)
-    except (PolicyFileError, OSError, KeyError, json.JSONDecodeError) as exc:
+    except PolicyFileError as exc:     # names the file and the fix (truncated, incomplete...)
+        raise CliError(str(exc)) from None
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise CliError(f"checkpoint {d} could not be loaded ({exc}); re-export it with "
                        "poserft.model.io.save_policy") from None
+    if pixels is not None:
+        warning = small_image_warning(image, pixels.shape, vision_input_size(policy))
+        if warning:
+            print(f"poserft: warning: {warning}", file=sys.stderr)
     prompt = policy.text2pose_prompt(text) if text is not None else policy.image2pose_prompt()
     images = None if pixels is None else pixels[None]
     greedy = samples == 1

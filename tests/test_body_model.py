@@ -170,6 +170,39 @@ def test_fk_gradients_and_per_sample_rest_joints():
     assert torch.isfinite(six.grad).all() and six.grad.abs().sum() > 0
 
 
+def test_forward_vec6d_is_fk_of_the_6d_rotations_for_any_batch_shape_and_dtype():
+    go, bp = _random_pose(6, seed=4)
+    six = smpl_to_vec6d(go, bp) + 0.05 * torch.randn(6, 144, dtype=torch.float64)  # off-manifold
+    model = SkeletonModel()
+    ref = model.forward_rotmats(vec6d_to_rotmats(six.float()))              # the old composition
+    out = model.forward_vec6d(six.float())
+    assert out.shape == (6, 24, 3) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # float64 stays float64 (and matches the float64 composition exactly)
+    torch.testing.assert_close(model.forward_vec6d(six),
+                               model.forward_rotmats(vec6d_to_rotmats(six)), rtol=0, atol=0)
+    # any leading shape, none included
+    nested = model.forward_vec6d(six.float().reshape(2, 3, 144))
+    assert nested.shape == (2, 3, 24, 3)
+    torch.testing.assert_close(nested.reshape(6, 24, 3), ref)
+    torch.testing.assert_close(model.forward_vec6d(six[0].float()), ref[0])
+    # half precision in, float32 out, close to the float32 result
+    for dtype in (torch.float16, torch.bfloat16):
+        half = model.forward_vec6d(six.to(dtype))
+        assert half.dtype == torch.float32
+        assert float((half - ref).abs().max()) < 0.01                     # metres
+        torch.testing.assert_close(half, model.forward_rotmats(
+            vec6d_to_rotmats(six.to(dtype).float())), rtol=0, atol=0)
+    # differentiable, as the SFT joint loss needs
+    x = six.float().requires_grad_(True)
+    model.forward_vec6d(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="144"):
+        model.forward_vec6d(torch.zeros(3, 72))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model.forward_vec6d(six.numpy())
+
+
 def test_pose_vector_layout_and_round_trip():
     go, bp = _random_pose(4, seed=3, scale=0.8)
     vec = smpl_to_vec6d(go, bp)
@@ -187,7 +220,7 @@ def test_pose_vector_layout_and_round_trip():
 
 
 def test_bad_inputs_raise_clear_errors():
-    model = body.load({})
+    model = body.load(BodyConfig.from_dict({}, where="body"))
     go, bp = _random_pose(2)
     with pytest.raises(ValueError, match="body_pose must have shape"):
         model(go, bp[:, :21])
@@ -218,27 +251,32 @@ def test_config_section_and_load():
     assert (cfg.model, cfg.model_path, cfg.gender, cfg.num_betas, cfg.h36m_regressor_path) == \
         ("skeleton", None, "neutral", 10, None)
     assert isinstance(body.load(cfg), SkeletonModel)
-    assert isinstance(body.load({"model": "skeleton"}), SkeletonModel)
+    assert isinstance(body.load(BodyConfig.from_dict({"model": "skeleton"}, where="body")),
+                      SkeletonModel)
     with pytest.raises(ConfigError, match="body.model_path: required"):
-        body.load({"model": "smpl"})
+        body.load(BodyConfig.from_dict({"model": "smpl"}, where="body"))
     with pytest.raises(ConfigError, match="body.h36m_regressor_path"):
         BodyConfig.from_dict({"h36m_regressor_path": "x.npy"}, where="body")
     with pytest.raises(ConfigError, match="body.modle: unknown key"):
-        body.load({"modle": "smpl"})
+        body.load(BodyConfig.from_dict({"modle": "smpl"}, where="body"))
     with pytest.raises(ConfigError, match="not one of"):
-        body.load({"model": "smplx"})
+        body.load(BodyConfig.from_dict({"model": "smplx"}, where="body"))
     with pytest.raises(TypeError, match="BodyConfig"):
         body.load("skeleton")
+    with pytest.raises(TypeError, match=r"BodyConfig\.from_dict"):   # a plain dict is not parsed
+        body.load({"model": "skeleton"})
 
 
 def test_missing_model_file_names_expected_path(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        body.load({"model": "smpl", "model_path": str(tmp_path)})
+        body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(tmp_path)},
+                                       where="body"))
     msg = str(info.value)
     assert f"SMPL model file not found: {tmp_path}/SMPL_NEUTRAL.pkl" in msg
     assert "https://smpl.is.tue.mpg.de" in msg and "body.model_path" in msg
     with pytest.raises(FileNotFoundError, match="SMPLH_FEMALE.pkl .*mano.is.tue.mpg.de"):
-        body.load({"model": "smplh", "model_path": str(tmp_path), "gender": "female"})
+        body.load(BodyConfig.from_dict(
+            {"model": "smplh", "model_path": str(tmp_path), "gender": "female"}, where="body"))
 
 
 def test_fk_chunking_is_invisible(monkeypatch):
@@ -261,3 +299,54 @@ def test_fk_chunking_is_invisible(monkeypatch):
     for j in chain:
         expected = expected @ rotmats[0, j].numpy()
     np.testing.assert_allclose(chunked_rot[0, 20].numpy(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("model, site", [("smpl", "https://smpl.is.tue.mpg.de"),
+                                         ("smplh", "https://mano.is.tue.mpg.de")])
+def test_nonexistent_model_path_is_a_config_error(tmp_path, model, site):
+    """A mesh model whose files are not there fails when the config is read (the Snakefile
+    parse), not when a job first loads the body model."""
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(ConfigError) as info:
+        BodyConfig.from_dict({"model": model, "model_path": str(missing)}, where="body")
+    msg = str(info.value)
+    assert msg.startswith(f"body.model_path: {missing} does not exist")
+    assert site in msg and "body.model: skeleton" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="relative to the working directory"):
+        BodyConfig.from_dict({"model": model, "model_path": "no/such/dir"}, where="body")
+    # an existing folder passes the config check (the file lookup stays in body.load)
+    assert BodyConfig.from_dict({"model": model, "model_path": str(tmp_path)},
+                                where="body").model_path == str(tmp_path)
+    assert BodyConfig.from_dict({"model": "skeleton", "model_path": str(missing)},
+                                where="body").model == "skeleton"
+
+
+def test_workflow_config_rejects_nonexistent_model_path():
+    """What the Snakefile calls at parse time, on the shipped config plus the bad body."""
+    from pathlib import Path
+
+    import yaml
+
+    from poserft.config import load_config
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    cfg["body"] = {"model": "smpl", "model_path": "/nonexistent"}
+    with pytest.raises(ConfigError, match=r"body\.model_path: /nonexistent does not exist.*"
+                                          r"smpl\.is\.tue\.mpg\.de"):
+        load_config(cfg)
+
+
+def test_snakemake_dry_run_stops_on_nonexistent_model_path(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad = tmp_path / "bad_body.yaml"
+    bad.write_text("body:\n  model: smpl\n  model_path: /nonexistent\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1",
+                           "--configfile", str(bad)], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "body.model_path: /nonexistent does not exist" in out, out[-2000:]
+    assert "Building DAG of jobs" not in out     # stopped at parse time, before any job

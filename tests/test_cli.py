@@ -145,3 +145,61 @@ def test_console_script(checkpoint, tmp_path):
     assert bad.returncode == 1 and "absent" in bad.stderr and "Traceback" not in bad.stderr
     usage = subprocess.run([str(exe), "generate", "--checkpoint", "x"], capture_output=True, text=True)
     assert usage.returncode == 2 and "--text" in usage.stderr
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0001])
+def test_truncated_weights_are_one_line_errors(checkpoint, tmp_path, capsys, keep):
+    """generate and info on a cut-short model.safetensors: one line naming the file, what is
+    wrong and the fix; exit 1, no traceback, nothing written."""
+    import shutil
+    ck = shutil.copytree(checkpoint["dir"], tmp_path / "policy")
+    weights = ck / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:max(1, int(len(data) * keep))])
+    out = tmp_path / "p.npz"
+    for argv in (["info", str(ck)], ["info", str(ck), "--json"],
+                 ["generate", "--text", "The person is squatting.", "--checkpoint", str(ck),
+                  "--out", str(out)]):
+        err = _error(capsys, argv)
+        assert f"{weights}: truncated or corrupt" in err, err
+        assert "save_policy" in err and "rerun" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_empty_text_prompt_is_an_error(checkpoint, tmp_path, capsys):
+    out = tmp_path / "p.npz"
+    for text in ("", "   ", "\n\t"):
+        err = _error(capsys, ["generate", "--text", text, "--checkpoint", str(checkpoint["dir"]),
+                              "--out", str(out)])
+        assert "--text is empty" in err and "--text \"" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size, warned", [((1, 1), True), ((6, 30), True), ((30, 7), True),
+                                          ((8, 8), False), ((20, 24), False)])
+def test_tiny_image_warns_and_still_runs(checkpoint, tmp_path, capsys, size, warned):
+    """Tiny policy: 16x16 vision input, so a side under 8 px (max(8, 16/4)) is warned about."""
+    img = tmp_path / "tiny.png"
+    Image.new("RGB", size, (120, 80, 40)).save(img)
+    out = tmp_path / "p.npz"
+    rc = main(["generate", "--image", str(img), "--checkpoint", str(checkpoint["dir"]),
+               "--max-new-tokens", "4", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0 and out.exists() and captured.out.startswith("[0] ")
+    warnings = [l for l in captured.err.splitlines() if l.startswith("poserft: warning:")]
+    if warned:
+        assert len(warnings) == 1, captured.err
+        w, h = size
+        assert f"image {img} is {w}x{h} px" in warnings[0]
+        assert "16x16 px vision input" in warnings[0]
+    else:
+        assert warnings == [], captured.err
+
+
+def test_small_image_threshold_scales_with_the_model_input():
+    from poserft.cli import small_image_warning
+    assert small_image_warning("a.png", (100, 100, 3), (336, 336)) is None       # >= 336/4
+    msg = small_image_warning("a.png", (60, 200, 3), (336, 336))                # 60 < 84
+    assert msg and "a.png is 200x60 px" in msg and "336x336 px vision input" in msg
+    assert "at least 84x84 px" in msg
+    assert small_image_warning("a.png", (7, 500, 3), (16, 16))                   # < 8 px

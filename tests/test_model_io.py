@@ -219,3 +219,43 @@ def test_conv_encoder_checkpoint_errors_name_the_file(tmp_path):
     save_file({"token_proj.weight": torch.zeros(3, 3)}, str(tmp_path / "enc" / "model.safetensors"))
     with pytest.raises(PoseEncoderCheckpointError, match="do not match the ConvPoseEncoder"):
         build_pose_vit(PoseViTConfig(checkpoint=str(tmp_path / "enc")))
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
+                                                        (0o002, 0o664, 0o775)],
+                         ids=["umask022", "umask002"])
+def test_saved_policy_honours_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """Policy folders are readable by the group on a shared file system (mkdtemp makes 0700
+    folders, safetensors 0600 files)."""
+    import stat
+
+    from poserft.model.io import save_policy
+    policy, _ = tiny_policy(tmp_path)
+    old = os.umask(umask)
+    try:
+        out = save_policy(policy, tmp_path / "results" / "runs" / "sft" / "final")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    for p in out.rglob("*"):
+        assert stat.S_IMODE(p.stat().st_mode) == (dir_mode if p.is_dir() else file_mode), p
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0001])
+def test_truncated_weights_give_a_named_error(tmp_path, keep):
+    """A model.safetensors cut short (copy interrupted, disk full) is refused naming the file,
+    what is wrong and the fix, not with a raw SafetensorError."""
+    from poserft.model import io
+    policy, _ = tiny_policy(tmp_path)
+    dest = io.save_policy(policy, tmp_path / "policy")
+    weights = dest / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:max(1, int(len(data) * keep))])
+    with pytest.raises(io.PolicyCheckpointError) as info:
+        io.load_policy(dest)
+    msg = str(info.value)
+    assert msg.startswith(f"{weights}: truncated or corrupt") and "save_policy" in msg
+    assert "rerun" in msg and "\n" not in msg
+    assert isinstance(info.value, (io.PolicyFileError, ValueError))
+    with pytest.raises(io.PolicyCheckpointError, match="truncated or corrupt"):
+        io.read_weights_header(weights)

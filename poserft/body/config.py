@@ -5,11 +5,16 @@ Stdlib-only (imported by the Snakefile at parse time).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from poserft.configbase import ConfigError, Section, option
 
 __all__ = ["BodyConfig"]
+
+_NAMES = {"smpl": "SMPL", "smplh": "SMPL-H"}
+_DOWNLOAD = {"smpl": "https://smpl.is.tue.mpg.de", "smplh": "https://mano.is.tue.mpg.de"}
+_EXPECTED = {"smpl": "SMPL_{g}.pkl", "smplh": "SMPLH_{g}.pkl or .npz"}   # smpl.py's names
 
 
 @dataclass
@@ -44,6 +49,16 @@ class BodyConfig(Section):
                 f"{where}.model_path: required when {where}.model is '{self.model}'. Set it to "
                 f"the folder holding the {self.model.upper()} model files, or set "
                 f"{where}.model: skeleton.")
+        path = None if self.model == "skeleton" else os.path.expanduser(self.model_path)
+        if path is not None and not os.path.exists(path):
+            rel = ("" if os.path.isabs(path)
+                   else f" (relative to the working directory {os.getcwd()})")
+            files = _EXPECTED[self.model].format(g=self.gender.upper())
+            raise ConfigError(
+                f"{where}.model_path: {self.model_path} does not exist{rel}; download the "
+                f"{_NAMES[self.model]} model files from {_DOWNLOAD[self.model]} and set "
+                f"{where}.model_path to the file or to the folder holding {files}, or set "
+                f"{where}.model: skeleton (no files needed)")
         if self.model == "skeleton" and self.h36m_regressor_path:
             raise ConfigError(
                 f"{where}.h36m_regressor_path: a vertex regressor needs a mesh model; set "

@@ -18,15 +18,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from poserft.atomic import apply_umask, make_temp_dir
 from poserft.model.config import ModelConfig
 
+if TYPE_CHECKING:   # torch is imported by the functions that need it: `poserft info` stays fast
+    import torch
+
 __all__ = ["save_policy", "load_policy", "resolve_policy_dir", "PolicyFileError",
-           "POLICY_FORMAT", "POLICY_VERSION", "atomic_replace_dir"]
+           "PolicyCheckpointError", "read_weights_header", "POLICY_FORMAT", "POLICY_VERSION",
+           "atomic_replace_dir"]
 
 POLICY_FORMAT = "poserft-policy"
 POLICY_VERSION = 1
@@ -35,6 +38,37 @@ _FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 class PolicyFileError(ValueError):
     """A policy directory is missing files or holds an incompatible format."""
+
+
+class PolicyCheckpointError(PolicyFileError):
+    """A policy file exists but cannot be read: truncated or corrupt (e.g. a copy that was
+    cut short, a full disk)."""
+
+
+_REWRITE = ("re-export the policy with poserft.model.io.save_policy, or rerun the sft/rft "
+            "stage that wrote it (e.g. snakemake --forcerun <rule>)")
+
+
+def _corrupt_weights(path: Path, exc: BaseException) -> PolicyCheckpointError:
+    try:
+        size = f", {path.stat().st_size:,} bytes on disk"
+    except OSError:
+        size = ""
+    return PolicyCheckpointError(
+        f"{path}: truncated or corrupt safetensors file ({exc}{size}); {_REWRITE}")
+
+
+def read_weights_header(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors file's header, without loading the weights;
+    :class:`PolicyCheckpointError` naming the file if it is truncated or corrupt."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(int(d) for d in f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _corrupt_weights(path, exc) from None
 
 
 def atomic_replace_dir(tmp: Path, dest: Path) -> None:
@@ -71,8 +105,7 @@ def save_policy(model, out_dir: str | os.PathLike, state_dict: dict | None = Non
     from poserft.model.vision import pose_encoder_config
 
     dest = Path(out_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}.tmp-")   # umask applied
     try:
         state = _unshared_state(model) if state_dict is None else {
             k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -88,6 +121,7 @@ def save_policy(model, out_dir: str | os.PathLike, state_dict: dict | None = Non
         if not (tmp / "tokenizer.json").is_file():
             raise PolicyFileError(f"{dest}: the tokenizer did not write tokenizer.json (only fast "
                                   "tokenizers are supported)")
+        apply_umask(tmp, recursive=True)     # safetensors writes 0600 files
         atomic_replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +142,7 @@ def resolve_policy_dir(path: str | os.PathLike) -> Path:
 
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a :class:`~poserft.model.policy.PoseMLLM` from a policy directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
@@ -137,7 +172,11 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if meta["pose_vit_config"] is not None:
         encoder = pose_encoder_from_config(meta["pose_vit_config"])
     model = PoseMLLM(cfg, tokenizer, backbone, encoder)
-    state = load_file(str(d / "model.safetensors"))
+    weights = d / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _corrupt_weights(weights, exc) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PolicyFileError(f"{d / 'model.safetensors'}: weights do not match the model "

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from poserft.atomic import apply_umask, make_temp_dir
 from poserft.retrieval.model import RetrievalArch, RetrievalModel
 
 __all__ = ["CHECKPOINT_FORMAT", "FORMAT_VERSION", "RetrievalCheckpointError",
@@ -47,8 +47,7 @@ def save_retrieval_model(model: RetrievalModel, out_dir: str | os.PathLike,
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-retrieval-", dir=out_dir))
+    tmp = make_temp_dir(out_dir, prefix=".tmp-retrieval-")
     try:
         # clone: safetensors refuses tensors that share storage (tied HF weights)
         state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
@@ -67,6 +66,7 @@ def save_retrieval_model(model: RetrievalModel, out_dir: str | os.PathLike,
                                                              **tok_entry}, **meta}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True),
                                        encoding="utf-8")
+        apply_umask(tmp, recursive=True)     # safetensors writes 0600 files
         for name in (WEIGHTS_FILE, tok_entry["file"], CONFIG_FILE):
             target = out_dir / name
             if (tmp / name).is_dir() and target.exists():
