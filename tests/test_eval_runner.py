@@ -234,6 +234,10 @@ def test_best_of_n_and_format_and_cosine():
                            "The SMPL  pose of this person is<POSE> ."],
                           EvalConfig().format_regex)
     assert ok.tolist() == [True, False, True]
+    # the default regex is the default answer template (model.config owns both)
+    from poserft.model.config import DEFAULT_FORMAT_REGEX, ModelConfig
+    assert EvalConfig().format_regex == DEFAULT_FORMAT_REGEX
+    assert R.format_matches([ModelConfig().pose_answer], DEFAULT_FORMAT_REGEX).tolist() == [True]
     a, b = np.array([[3.0, 4.0], [1.0, 0.0]]), np.array([[3.0, 4.0], [0.0, 2.0]])
     np.testing.assert_allclose(R.embedding_cosine(a, b), [1.0, 0.0])
 
@@ -498,6 +502,24 @@ def train_split(world):
                        {"source": "unit", "split": "train", "body_model": "skeleton",
                         "converter_params": {}})
     return path, arrays
+
+
+def test_floor_mean_poses_are_the_sft_targets_means(train_split):
+    """One mean-pose computation: the eval floor is SFT's per-task mean (text targets with
+    the root yaw removed), normalised to rotations."""
+    from poserft.data.h5io import SplitReader
+    from poserft.model.config import ModelConfig
+    from poserft.train.data import SFTTaskData
+
+    data = SFTTaskData(train_split[0], ModelConfig(), {"text2pose": 1.0},
+                       text2pose_remove_yaw=True)
+    with SplitReader(train_split[0]) as reader:
+        means = R.train_mean_poses(reader)
+    assert set(means) == {"image2pose", "text2pose"}
+    for task, mean in means.items():
+        assert torch.equal(mean, R.normalise_pose6d(data.mean_pose6d(task)))
+        torch.testing.assert_close(data.mean_pose6d(task),
+                                   data.task_targets(task).double().mean(0).float())
 
 
 def test_reference_mean_pose_matches_numpy_and_the_variant_path(world, train_split, tmp_path):

@@ -141,3 +141,27 @@ def test_beta_nll_limits_and_gradient():
     (gm1,) = torch.autograd.grad(beta_nll(mean, std, x, 1.0).sum(), mean)
     var = std.detach() ** 2
     torch.testing.assert_close(gm1, (mean.detach() - x) / var.sum(-1, keepdim=True))
+
+
+def test_joint_distances_frames():
+    """global: FK of both poses; local: the root rotations replaced by the identity, so a
+    different root orientation alone gives zero; both: their mean."""
+    from poserft.body import SkeletonModel, vec6d_to_rotmats
+    from poserft.model.heads import joint_distances
+
+    body = SkeletonModel()
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, POSE_DIM, generator=g), torch.randn(4, POSE_DIM, generator=g)
+    glob = joint_distances(body, pred, target, "global")
+    ref = (body.forward_rotmats(vec6d_to_rotmats(pred))
+           - body.forward_rotmats(vec6d_to_rotmats(target))).norm(dim=-1)
+    torch.testing.assert_close(glob, ref)
+    same_body = torch.cat([target[:, :6] + 1.0, target[:, 6:]], 1)      # only the root differs
+    assert float(joint_distances(body, same_body, target, "global").max()) > 0.01
+    assert float(joint_distances(body, same_body, target, "local").max()) < 1e-6
+    local = joint_distances(body, pred.bfloat16(), target, "local")          # any float dtype
+    assert local.shape == (4, 24) and local.dtype == torch.float32
+    torch.testing.assert_close(joint_distances(body, pred, target, "both"),
+                               0.5 * (glob + joint_distances(body, pred, target, "local")))
+    with pytest.raises(ValueError, match="joint frame"):
+        joint_distances(body, pred, target, "camera")

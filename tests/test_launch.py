@@ -13,6 +13,7 @@ holding rank 0's metrics.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 import types
@@ -69,28 +70,157 @@ def _echo_stage(tracker=None, **kwargs):
     return {"kwargs": kwargs, "tracker": tracker}
 
 
-def test_in_process_path_passes_kwargs_and_tracker(monkeypatch):
-    monkeypatch.setitem(launch.STAGES, "echo", (__name__, "_echo_stage"))
+def test_in_process_path_passes_kwargs_and_tracker():
     sentinel = object()
-    out = launch_local("echo", {"a": 1, "obj": sentinel}, 1, tracker="the-tracker")
+    out = launch_local(_echo_stage, {"a": 1, "obj": sentinel}, 1, tracker="the-tracker")
     assert out == {"kwargs": {"a": 1, "obj": sentinel}, "tracker": "the-tracker"}
+    # in-process, any callable will do (nothing has to be imported by another interpreter)
+    assert launch_local(lambda tracker=None, **kw: kw, {"b": 2}, 1) == {"b": 2}
+    with pytest.raises(TypeError, match="the stage must be a function, got str"):
+        launch_local("sft", {}, 1)
 
 
-def test_unknown_stage_and_non_json_kwargs_fail_before_starting_anything(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown stage 'evaluate'.*\['rft', 'sft'\]"):
-        launch_local("evaluate", {}, 2)
+def test_stage_reference_names_an_importable_function_and_resolves_back():
+    from poserft.rl.trainer import run_rft
+    from poserft.train.sft import run_sft
+    for fn, ref in ((run_sft, "poserft.train.sft:run_sft"),
+                    (run_rft, "poserft.rl.trainer:run_rft"),
+                    (_Stages.run, f"{__name__}:_Stages.run")):
+        assert launch.stage_reference(fn) == ref
+        assert launch.resolve_stage(ref) is fn
+    with pytest.raises(ValueError, match="is not 'module:qualname'"):
+        launch.resolve_stage("poserft.train.sft.run_sft")
+
+
+def _make_closure():
+    def inner(tracker=None, **kwargs):
+        return kwargs
+    return inner
+
+
+class _Stages:
+    @staticmethod
+    def run(tracker=None, **kwargs):
+        return kwargs
+
+
+def _decorated(tracker=None, **kwargs):
+    return kwargs
+
+
+_undecorated = _decorated
+_decorated = functools.wraps(_decorated)(lambda tracker=None, **kw: kw)  # the name: a wrapper
+
+
+def _renamed(fn, **attrs):
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__)
+    for key, value in attrs.items():
+        setattr(copy, key, value)
+    return copy
+
+
+@pytest.mark.parametrize("fn, why", [
+    (lambda tracker=None: {}, "lambdas and functions defined inside functions"),
+    (_make_closure(), "lambdas and functions defined inside functions"),
+    (_undecorated, "that name holds a different object"),
+    (_renamed(_echo_stage, __qualname__="_gone"), "importing it failed \\(AttributeError"),
+    (_renamed(_echo_stage, __module__="no_such_module_xyz"),
+     "importing it failed \\(ModuleNotFoundError"),
+])
+def test_unimportable_stages_are_refused_before_starting_anything(monkeypatch, fn, why):
     started = []
     monkeypatch.setattr(launch, "_run_streaming", lambda *a, **k: started.append(a) or (0, ""))
-    with pytest.raises(ValueError, match=r"argument 'text_embedder' cannot be sent to the ranks"):
-        launch_local("rft", {"out_dir": "x", "text_embedder": object()}, 2)
+    with pytest.raises(ValueError, match=f"cannot be started on several ranks: {why}"):
+        launch_local(fn, {}, 2)
     assert started == []
+
+
+def test_functions_of_main_and_non_functions_are_refused():
+    with pytest.raises(ValueError, match="functions of __main__ are not importable"):
+        launch.stage_reference(_renamed(_echo_stage, __module__="__main__"))
+    assert launch.stage_reference(_decorated) == f"{__name__}:_decorated"  # what the name holds
+    with pytest.raises(TypeError, match="the stage must be a function, got str"):
+        launch_local("sft", {}, 2)
+
+
+def test_non_json_kwargs_fail_before_starting_anything(monkeypatch):
+    from poserft.rl.trainer import run_rft
+    started = []
+    monkeypatch.setattr(launch, "_run_streaming", lambda *a, **k: started.append(a) or (0, ""))
+    tracker = types.SimpleNamespace(run_id=None, uri=None, set_tags=lambda t: started.append(t))
+    with pytest.raises(ValueError, match=r"launch_local\(poserft.rl.trainer:run_rft\): argument "
+                                         r"'text_embedder' cannot be sent to the ranks"):
+        launch_local(run_rft, {"out_dir": "x", "text_embedder": object()}, 2, tracker=tracker)
+    assert started == []
+
+
+def test_the_ranks_get_the_stage_by_reference(monkeypatch):
+    """The torchrun command line and the payload name the function as module:qualname."""
+    from poserft.train.sft import run_sft
+    seen = {}
+
+    def fake_run(cmd, env):
+        seen["cmd"] = cmd
+        payload = json.loads(Path(cmd[-1]).read_text())
+        seen["payload"] = payload
+        Path(payload["result_path"]).write_text(json.dumps({"ok": 1}))
+        return 0, ""
+
+    monkeypatch.setattr(launch, "_run_streaming", fake_run)
+    assert launch_local(run_sft, {"out_dir": Path("/runs/x")}, 2) == {"ok": 1}
+    assert seen["cmd"][-3:-1] == ["poserft.train.launch", "poserft.train.sft:run_sft"]
+    assert seen["payload"]["stage"] == "poserft.train.sft:run_sft"
+    assert seen["payload"]["kwargs"] == {"out_dir": "/runs/x"}
+
+
+def _json_stage(tracker=None, **kwargs):
+    return {"kwargs": kwargs, "tracker": type(tracker).__name__}
+
+
+def test_stage_entry_imports_the_stage_and_checks_the_payload(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    ref = launch.stage_reference(_json_stage)
+    payload = tmp_path / "payload.json"
+    payload.write_text(launch._payload_text(ref, {"a": 1}, None, tmp_path / "r.json"))
+    expected = {"kwargs": {"a": 1}, "tracker": "NullTracker"}
+    assert launch.stage_entry(ref, payload) == expected
+    assert json.loads((tmp_path / "r.json").read_text()) == expected
+    with pytest.raises(ValueError, match="payload is for stage"):
+        launch.stage_entry("poserft.train.sft:run_sft", payload)
+
+
+def _types_stage(tracker=None, **kwargs):
+    return {**{k: type(v).__name__ for k, v in kwargs.items()},
+            "sft_type": type(kwargs["nested"]["sft"]).__name__,
+            "model_fields": kwargs["model_cfg"].to_dict()}
+
+
+def test_config_sections_reach_the_ranks_typed(tmp_path, monkeypatch):
+    """poserft.workflow.job hands typed sections; they cross the payload as themselves."""
+    from poserft.model.testing import tiny_model_config
+    from poserft.train.config import SFTConfig
+    monkeypatch.delenv("RANK", raising=False)
+    model = tiny_model_config(head="deterministic")
+    sft = SFTConfig.from_dict({"steps": 3}, where="sft")
+    kwargs = {"model_cfg": model, "nested": {"sft": sft, "n": 1}, "out_dir": Path("/x")}
+    ref = launch.stage_reference(_types_stage)
+    text = launch._payload_text(ref, kwargs, None, tmp_path / "r.json")
+    back = json.loads(text, object_hook=launch._json_object)["kwargs"]
+    assert back == {"model_cfg": model, "nested": {"sft": sft, "n": 1}, "out_dir": "/x"}
+    assert type(back["model_cfg"]) is type(model) and type(back["nested"]["sft"]) is SFTConfig
+    (tmp_path / "p.json").write_text(text)
+    out = launch.stage_entry(ref, tmp_path / "p.json")
+    assert out == {"model_cfg": "ModelConfig", "nested": "dict", "out_dir": "str",
+                   "sft_type": "SFTConfig", "model_fields": model.to_dict()}
 
 
 def test_payload_carries_paths_as_strings_and_the_parent_run():
     parent = types.SimpleNamespace(run_id="abc123", uri="sqlite:////tmp/m.db")
-    text = launch._payload_text("sft", {"out_dir": Path("/runs/x"), "sft_cfg": {"steps": 3}},
+    text = launch._payload_text("poserft.train.sft:run_sft",
+                                {"out_dir": Path("/runs/x"), "sft_cfg": {"steps": 3}},
                                 launch._tracking_of(parent), Path("/tmp/r.json"))
-    assert json.loads(text) == {"stage": "sft", "kwargs": {"out_dir": "/runs/x", "sft_cfg": {"steps": 3}},
+    assert json.loads(text) == {"stage": "poserft.train.sft:run_sft",
+                                "kwargs": {"out_dir": "/runs/x", "sft_cfg": {"steps": 3}},
                                 "tracking": {"run_id": "abc123", "tracking_uri": "sqlite:////tmp/m.db"},
                                 "result_path": "/tmp/r.json"}
     from poserft.tracking import NullTracker
@@ -113,7 +243,7 @@ def test_rank_log_tail_reads_the_failing_ranks_files(tmp_path):
         (d / str(rank) / "stderr.log").write_text("\n".join(f"r{rank} line {i}" for i in range(100)))
     tail = launch._rank_log_tail(tmp_path, 1, lines=3)
     assert tail == "--- rank 1 stderr ---\nr1 line 97\nr1 line 98\nr1 line 99"
-    msg = launch._failure_message("sft", 2, 1, "Root Cause\n  rank      : 1 (local_rank: 1)\n", tmp_path)
+    msg = launch._failure_message("poserft.train.sft:run_sft", 2, 1, "Root Cause\n  rank      : 1 (local_rank: 1)\n", tmp_path)
     assert "exited with code 1 (rank 1 failed first)" in msg and "r1 line 99" in msg
     assert "r0 line" not in msg
 
@@ -157,14 +287,20 @@ def world(tmp_path_factory):
             "tokenizer": str(d / "tokenizer.json")}
 
 
+def _sft_dict(grad_accum: int, eval_samples: int = 0) -> dict:
+    """The ``sft`` section as a plain dict (what Snakemake hands a job as ``params.sft``)."""
+    return {"steps": STEPS, "batch_size": BATCH, "grad_accum": grad_accum,
+            "eval_samples": eval_samples, "max_new_tokens": 14,
+            "optim": {"lr": 1e-2, "warmup_steps": 1},
+            "engine": {"checkpoint_every": 0, "log_every": 1, "device": "cpu",
+                       "precision": "fp32", "backend": "torch"}}
+
+
 def _sft_kwargs(world, out_dir: Path, grad_accum: int, eval_samples: int = 0) -> dict:
     from poserft.model.testing import tiny_model_config
-    return {"model_cfg": tiny_model_config().to_dict(),
-            "sft_cfg": {"steps": STEPS, "batch_size": BATCH, "grad_accum": grad_accum,
-                        "eval_samples": eval_samples, "max_new_tokens": 14,
-                        "optim": {"lr": 1e-2, "warmup_steps": 1},
-                        "engine": {"checkpoint_every": 0, "log_every": 1, "device": "cpu",
-                                   "precision": "fp32", "backend": "torch"}},
+    from poserft.train.config import SFTConfig
+    return {"model_cfg": tiny_model_config(),
+            "sft_cfg": SFTConfig.from_dict(_sft_dict(grad_accum, eval_samples), where="sft"),
             "split_paths": {"train": world["train"], "val": world["val"]},
             "tokenizer_path": world["tokenizer"], "out_dir": str(out_dir)}
 
@@ -181,7 +317,7 @@ def _fake_snakemake(world, tmp_path: Path, uri: str, **resources):
     from poserft.model.testing import tiny_model_config
     run = tmp_path / "runs" / "launch" / "seed0" / "sft"
     params = {"model": tiny_model_config().to_dict(),
-              "sft": _sft_kwargs(world, run, 1, eval_samples=4)["sft_cfg"], "body": {}}
+              "sft": _sft_dict(1, eval_samples=4), "body": {}}
     return types.SimpleNamespace(
         rule="sft", threads=1, config={"tracking": {"experiment": "launch", "enabled": True,
                                                     "tracking_uri": uri, "artifact_root": None}},
@@ -216,8 +352,9 @@ def test_two_process_sft_equals_accumulated_reference_and_logs_one_run(world, tm
     # Independent references, in-process: one process accumulating both ranks' micro-batches
     # (must match), one process seeing rank 0's micro-batch only (must not).
     torch.set_num_threads(1)
-    launch_local("sft", _sft_kwargs(world, tmp_path / "accum2", 2), 1)
-    launch_local("sft", _sft_kwargs(world, tmp_path / "rank0_only", 1), 1)
+    from poserft.train.sft import run_sft
+    launch_local(run_sft, _sft_kwargs(world, tmp_path / "accum2", 2), 1)
+    launch_local(run_sft, _sft_kwargs(world, tmp_path / "rank0_only", 1), 1)
     two, accum, alone = (_weights(d) for d in (run, tmp_path / "accum2", tmp_path / "rank0_only"))
     assert two.keys() == accum.keys()
     gap = max(float((accum[k] - alone[k]).abs().max()) for k in accum)
@@ -243,11 +380,12 @@ def test_two_process_sft_equals_accumulated_reference_and_logs_one_run(world, tm
 
 @pytest.mark.slow
 def test_a_failing_rank_raises_with_its_log_tail(world, tmp_path):
+    from poserft.train.sft import run_sft
     kwargs = _sft_kwargs(world, tmp_path / "bad", 1)
     kwargs["split_paths"] = {"val": world["val"]}         # run_sft refuses: no 'train' split
     with pytest.raises(LaunchError) as info:
-        launch_local("sft", kwargs, 2)
+        launch_local(run_sft, kwargs, 2)
     msg = str(info.value)
-    assert "stage 'sft': 2 processes launched with torchrun exited with code 1" in msg
+    assert "stage poserft.train.sft:run_sft: 2 processes launched with torchrun exited with code 1" in msg
     assert "failed first" in msg and "run_sft: split_paths needs a 'train' entry" in msg
     assert not (tmp_path / "bad" / "final").exists()

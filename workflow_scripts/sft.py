@@ -11,12 +11,15 @@ from poserft.train.launch import job_nproc, launch_local
 from poserft.workflow import job
 
 with job(snakemake) as (params, tracker):  # noqa: F821 (snakemake is injected)
+    # imported here: torch loads after job() has set the thread limits and the log file
+    from poserft.train.sft import run_sft
+
     inp = snakemake.input  # noqa: F821
     if inp.pose_encoder:  # pose_encoder.enabled: start the pose ViT from the pretrained one
-        params["model"].setdefault("pose_vit", {})["checkpoint"] = str(Path(inp.pose_encoder[0]).parent)
+        params["model"].pose_vit.checkpoint = str(Path(inp.pose_encoder[0]).parent)
     kwargs = dict(model_cfg=params["model"], sft_cfg=params["sft"],
                   split_paths={s: str(inp[s]) for s in ("train", "val")},
                   tokenizer_path=str(inp.tokenizer),
                   out_dir=str(Path(snakemake.output.model).parent.parent))  # noqa: F821
-    summary = launch_local("sft", kwargs, job_nproc(snakemake), tracker=tracker)  # noqa: F821
+    summary = launch_local(run_sft, kwargs, job_nproc(snakemake), tracker=tracker)  # noqa: F821
     print(summary)

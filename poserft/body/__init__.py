@@ -1,6 +1,7 @@
 """Body model layer: rotations, SMPL kinematic tree, joint sets, pose vectors, and
 ``load(cfg)`` -> a :class:`BodyModel` (SMPL/SMPL-H via smplx when model files are
-configured, else the skeleton model). See docs/interfaces.md, section Body.
+configured, else the skeleton model). See docs/interfaces.md, section Body. Joint errors
+(MPJPE, PA-MPJPE) are in ``poserft.body.metrics``.
 """
 
 from __future__ import annotations
@@ -21,21 +22,15 @@ __all__ = [
 ]
 
 
-def load(cfg: BodyConfig | dict | None = None) -> BodyModel:
+def load(cfg: BodyConfig | None = None) -> BodyModel:
     """Build the configured body model (an ``nn.Module`` on CPU, float32 buffers).
 
-    ``None`` or ``{}`` gives the skeleton model. A dict is validated as the ``body``
-    section. ``smpl``/``smplh`` need the model files (a FileNotFoundError names the
+    ``None`` gives the skeleton model (the default ``body`` section). ``smpl``/``smplh``
+    need the model files (a FileNotFoundError names the
     expected path and where to download it).
     """
-    if cfg is None:
-        cfg = BodyConfig()
-    elif isinstance(cfg, dict):
-        cfg = BodyConfig.from_dict(cfg, where="body")
-    elif not isinstance(cfg, BodyConfig):
-        raise TypeError(f"body.load: expected BodyConfig, dict or None, got {type(cfg).__name__}")
-    else:
-        cfg.check("body")
+    cfg = BodyConfig.expect(cfg, "body.load: cfg")
+    cfg.check("body")
     if cfg.model == "skeleton":
         return SkeletonModel()
     from poserft.body.smpl import SmplxBodyModel  # smplx import is slow; only when needed

@@ -7,7 +7,7 @@ from torch import nn
 
 from poserft.body.kinematics import JOINT_SETS, NUM_SMPL_JOINTS, SMPL_PARENTS, \
     select_joint_set
-from poserft.body.posevec import _check_finite, smpl_to_rotmats
+from poserft.body.posevec import _check_finite, smpl_to_rotmats, vec6d_to_rotmats
 
 __all__ = ["BodyModel"]
 
@@ -55,6 +55,24 @@ class BodyModel(nn.Module):
                         transl: torch.Tensor | None = None) -> torch.Tensor:
         """rotmats (B,24,3,3) local rotations -> joints (B,24,3) metres."""
         return self.joint_set_from_rotmats("smpl24", rotmats, betas, transl)
+
+    def forward_vec6d(self, pose6d: torch.Tensor) -> torch.Tensor:
+        """pose6d (..., 144) continuous 6D rotations (24 joints x 6, joint 0 = the global
+        orientation; what the pose heads predict) -> joints (..., 24, 3) metres, zero shape.
+
+        Any leading batch shape (none included: (144,) -> (24, 3)). Half-precision inputs
+        (fp16/bf16, e.g. from a bf16 backbone) are computed and returned in float32, float64
+        stays float64; differentiable (the SFT joint loss backpropagates through it). The
+        input must be on the body model's device.
+        """
+        if not isinstance(pose6d, torch.Tensor):
+            raise TypeError(f"forward_vec6d: expected a torch.Tensor, got {type(pose6d).__name__}")
+        if pose6d.dtype != torch.float64:
+            pose6d = pose6d.float()
+        rotmats = vec6d_to_rotmats(pose6d)                                   # (..., 24, 3, 3)
+        lead = rotmats.shape[:-3]
+        joints = self.forward_rotmats(rotmats.reshape((-1,) + rotmats.shape[-3:]))  # (N, 24, 3)
+        return joints.reshape(lead + joints.shape[-2:])
 
     def joint_set(self, name: str, global_orient: torch.Tensor, body_pose: torch.Tensor,
                   betas: torch.Tensor | None = None, transl: torch.Tensor | None = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from poserft.configbase import ConfigError, Section, option
-from poserft.rl.config import DEFAULT_FORMAT_REGEX
+from poserft.model.config import DEFAULT_FORMAT_REGEX
 
 __all__ = ["EvalConfig", "IMAGE_BENCHMARKS", "TEXT_BENCHMARKS"]
 

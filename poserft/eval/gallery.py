@@ -180,7 +180,6 @@ def generate_gallery_poses(entries: Sequence[GalleryEntry], prompts: Sequence[st
     import torch
 
     from poserft.body import load as load_body
-    from poserft.body import vec6d_to_rotmats
 
     body = load_body(body_cfg)
     joints, valid = [], []
@@ -189,7 +188,7 @@ def generate_gallery_poses(entries: Sequence[GalleryEntry], prompts: Sequence[st
         with torch.inference_mode():
             roll = policy.generate([policy.text2pose_prompt(p) for p in prompts],
                                    max_new_tokens=max_new_tokens, do_sample=False)
-            j = body.forward_rotmats(vec6d_to_rotmats(roll.pose_mean.float().cpu())).numpy()
+            j = body.forward_vec6d(roll.pose_mean.cpu()).numpy()
         joints.append(list(j))
         valid.append(roll.pose_valid.cpu().tolist())
         del policy

@@ -500,7 +500,7 @@ def _split_roles(split_paths: Mapping[str, str | os.PathLike], cfg: EvalConfig
     return image, text
 
 
-def evaluate_variant(eval_cfg: EvalConfig | dict, policy_dir: str | os.PathLike,
+def evaluate_variant(eval_cfg: EvalConfig, policy_dir: str | os.PathLike,
                      evaluator_dir: str | os.PathLike, split_paths: Mapping[str, str | os.PathLike],
                      out_json: str | os.PathLike, body_cfg: Any = None,
                      text_embedder_cfg: Any = None, tracker: Any = None, *,
@@ -523,7 +523,7 @@ def evaluate_variant(eval_cfg: EvalConfig | dict, policy_dir: str | os.PathLike,
     from poserft.model.io import load_policy
     from poserft.retrieval.checkpoint import load_retrieval_model
 
-    cfg = eval_cfg if isinstance(eval_cfg, EvalConfig) else EvalConfig.from_dict(eval_cfg, where="eval")
+    cfg = EvalConfig.expect(eval_cfg, "evaluate_variant: eval_cfg")
     cfg.check("eval")
     image_splits, text_splits = _split_roles(split_paths, cfg)
     for path in {*image_splits.values(), *text_splits.values()}:
@@ -604,27 +604,21 @@ def normalise_pose6d(vec6d: torch.Tensor) -> torch.Tensor:
 
 
 def train_mean_poses(reader) -> dict[str, torch.Tensor]:
-    """The train split's mean poses (144,), normalised (:func:`normalise_pose6d`):
+    """The train split's mean poses (144,), normalised (:func:`normalise_pose6d`): the mean
+    of each pose task's targets (:class:`poserft.train.data.SplitPoses`, the targets SFT
+    trains on):
 
-    * ``image2pose``: mean over the rows of the 6D pose with the camera-frame root
-      (``/image_pose/global_orient`` when present) and ``/poses/body_pose``, the
-      image->pose targets;
-    * ``text2pose``: mean over the captions of their pose (``/captions/pose_index``) in the
-      canonical frame with the root's yaw removed, the text->pose targets.
+    * ``image2pose``: over the rows, the 6D pose with the camera-frame root
+      (``/image_pose/global_orient`` when present) and ``/poses/body_pose``;
+    * ``text2pose`` (splits with captions): over the captions, their pose in the canonical
+      frame with the root's yaw removed.
     """
-    from poserft.body import smpl_to_vec6d
-    from poserft.retrieval.features import pose6d_without_root_yaw
+    from poserft.train.data import SplitPoses
 
-    poses = reader.poses()
-    body_pose = torch.as_tensor(np.asarray(poses["body_pose"]), dtype=torch.float32)
-    canonical = torch.as_tensor(np.asarray(poses["global_orient"]), dtype=torch.float32)
-    camera = (torch.as_tensor(np.asarray(reader.image_global_orient()), dtype=torch.float32)
-              if reader.has("image_pose/global_orient") else canonical)
-    out = {"image2pose": normalise_pose6d(smpl_to_vec6d(camera, body_pose).double().mean(0).float())}
+    poses = SplitPoses.read(reader, text2pose_remove_yaw=True)
+    out = {"image2pose": normalise_pose6d(poses.mean_pose6d("image2pose"))}
     if reader.num_captions:
-        rows = torch.as_tensor(np.asarray(reader.caption_pose_index(), dtype=np.int64))
-        text = pose6d_without_root_yaw(smpl_to_vec6d(canonical, body_pose))[rows]
-        out["text2pose"] = normalise_pose6d(text.double().mean(0).float())
+        out["text2pose"] = normalise_pose6d(poses.mean_pose6d("text2pose"))
     return out
 
 
@@ -649,7 +643,7 @@ def _bound_texts(evaluator, body, reader, cfg: EvalConfig, mean_vec: torch.Tenso
             "num_samples": n}
 
 
-def evaluate_reference(eval_cfg: EvalConfig | dict, train_split: str | os.PathLike,
+def evaluate_reference(eval_cfg: EvalConfig, train_split: str | os.PathLike,
                        test_split: str | os.PathLike, evaluator_dir: str | os.PathLike,
                        out_json: str | os.PathLike, body_cfg: Any = None, tracker: Any = None
                        ) -> dict[str, Any]:
@@ -668,7 +662,7 @@ def evaluate_reference(eval_cfg: EvalConfig | dict, train_split: str | os.PathLi
     from poserft.data.h5io import SplitReader
     from poserft.retrieval.checkpoint import load_retrieval_model
 
-    cfg = eval_cfg if isinstance(eval_cfg, EvalConfig) else EvalConfig.from_dict(eval_cfg, where="eval")
+    cfg = EvalConfig.expect(eval_cfg, "evaluate_reference: eval_cfg")
     cfg.check("eval")
     for path in (Path(train_split), Path(test_split)):
         if not path.is_file():

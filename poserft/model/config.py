@@ -19,12 +19,16 @@ from dataclasses import dataclass
 
 from poserft.configbase import ConfigError, Section, option
 
-__all__ = ["PoseViTConfig", "ModelConfig", "PoseEncoderConfig", "POSE_TOKEN", "IMAGE_TOKEN"]
+__all__ = ["PoseViTConfig", "ModelConfig", "PoseEncoderConfig", "POSE_TOKEN", "IMAGE_TOKEN",
+           "DEFAULT_FORMAT_REGEX"]
 
 # Placeholder tokens shared with poserft.text.tokenizer (kept literal so this file stays
 # stdlib-only).
 IMAGE_TOKEN = "<image>"
 POSE_TOKEN = "<POSE>"
+# A well-formatted answer of a pose prompt: the default ``ModelConfig.pose_answer`` up to
+# whitespace (default of rft.format_regex, the format reward, and eval.format_regex).
+DEFAULT_FORMAT_REGEX = r"\s*The\s+SMPL\s+pose\s+of\s+this\s+person\s+is\s*<POSE>\s*\.\s*"
 
 
 @dataclass

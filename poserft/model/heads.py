@@ -58,12 +58,8 @@ def beta_nll(mean: torch.Tensor, std: torch.Tensor, target: torch.Tensor, beta: 
 
 def identity_pose_vec(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The rest pose (all joint rotations = identity) as a (144,) 6D vector."""
-    try:
-        from poserft.body.rotations import matrix_to_rot6d
-        six = matrix_to_rot6d(torch.eye(3, dtype=dtype))
-    except ImportError:  # body not importable: 6D = first two columns of the matrix
-        six = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=dtype)
-    return six.repeat(POSE_DIM // 6)
+    from poserft.body.rotations import matrix_to_rot6d
+    return matrix_to_rot6d(torch.eye(3, dtype=dtype)).repeat(POSE_DIM // 6)
 
 
 def joint_distances(body, pred: torch.Tensor, target: torch.Tensor, frame: str = "global"
@@ -73,17 +69,16 @@ def joint_distances(body, pred: torch.Tensor, target: torch.Tensor, frame: str =
     ``frame="local"`` replaces both root rotations by the identity first (articulation
     only); ``"both"`` is the mean of the global and local distances.
     """
-    from poserft.body import vec6d_to_rotmats
     if frame not in ("global", "local", "both"):
         raise ValueError(f"joint frame must be 'global', 'local' or 'both', got {frame!r}")
     if frame == "both":
         return 0.5 * (joint_distances(body, pred, target, "global")
                       + joint_distances(body, pred, target, "local"))
-    rp, rt = vec6d_to_rotmats(pred.float()), vec6d_to_rotmats(target.float())
-    if frame == "local":
-        eye = torch.eye(3, dtype=rp.dtype, device=rp.device).expand(rp.shape[0], 1, 3, 3)
-        rp, rt = torch.cat([eye, rp[:, 1:]], 1), torch.cat([eye, rt[:, 1:]], 1)
-    return (body.forward_rotmats(rp) - body.forward_rotmats(rt)).norm(dim=-1)
+    if frame == "local":  # root rotation -> identity (its 6D is exact under Gram-Schmidt)
+        root = identity_pose_vec(pred.dtype)[:6].to(pred.device).expand(pred.shape[0], 6)
+        pred = torch.cat([root, pred[:, 6:]], 1)
+        target = torch.cat([root.to(target.dtype), target[:, 6:]], 1)
+    return (body.forward_vec6d(pred) - body.forward_vec6d(target)).norm(dim=-1)
 
 
 def pose_to_smpl(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,10 +275,6 @@ class PointPose:
 
     def mode(self) -> torch.Tensor:
         return self._mean
-
-
-def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
 def _init_output(layer: nn.Linear, bias: torch.Tensor) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poserft.atomic import apply_umask, make_temp_dir
 from poserft.model.config import PoseEncoderConfig
 from poserft.model.vision import build_pose_vit, save_pose_vit
 
@@ -156,8 +156,7 @@ def _validate(encoder, head, readout, body, val_path, cfg: PoseEncoderConfig, me
               mean_pose: torch.Tensor, size: int, hm_size: tuple[int, int]) -> dict:
     """Val keypoint error (px) and 3D pose error (mm, 24 joints, root-aligned; PA) of the
     pretraining heads, each beside the train-mean baseline."""
-    from poserft.body import vec6d_to_rotmats
-    from poserft.eval.metrics import mpjpe, pa_mpjpe
+    from poserft.body.metrics import mpjpe, pa_mpjpe
     v_img, v_kps, v_poses = _load_split(val_path)
     n = min(cfg.val_samples, len(v_img))
     encoder.eval()
@@ -170,26 +169,23 @@ def _validate(encoder, head, readout, body, val_path, cfg: PoseEncoderConfig, me
     if cfg.heatmap_weight:
         out["val_kp_error_px"] = float((pred - kp).norm(dim=-1)[vis].mean())
 
-    def joints(vec):
-        return body.forward_rotmats(vec6d_to_rotmats(vec.float()))
-    gt = joints(v_poses[:n])
+    gt = body.forward_vec6d(v_poses[:n])
     guesses = {"mean_pose_": mean_pose.expand(n, -1)}
     if cfg.pose_weight:
         guesses[""] = readout(tokens)
     for prefix, vec in guesses.items():
-        j = joints(vec)
+        j = body.forward_vec6d(vec)
         out[f"val_{prefix}mpjpe_mm"] = float(mpjpe(j, gt, root=0).mean())
         out[f"val_{prefix}pa_mpjpe_mm"] = float(pa_mpjpe(j, gt).mean())
     return out
 
 
-def pretrain_pose_encoder(cfg: PoseEncoderConfig | dict | None, split_paths: dict[str, str],
+def pretrain_pose_encoder(cfg: PoseEncoderConfig | None, split_paths: dict[str, str],
                           out_dir: str | os.PathLike, tracker=None) -> dict:
     """Train the pose encoder on ``split_paths['train']`` (heatmaps + 3D pose); score 'val'."""
     from tqdm.auto import tqdm
 
-    if not isinstance(cfg, PoseEncoderConfig):
-        cfg = PoseEncoderConfig.from_dict(cfg, where="pose_encoder")
+    cfg = PoseEncoderConfig.expect(cfg, "pretrain_pose_encoder: cfg")
     if tracker is None:
         from poserft.tracking import NullTracker
         tracker = NullTracker()
@@ -248,12 +244,12 @@ def pretrain_pose_encoder(cfg: PoseEncoderConfig | dict | None, split_paths: dic
                              if v == v}, step=cfg.steps)
 
     dest = Path(out_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, prefix=f".{dest.name}.tmp-")   # umask applied
     try:
         save_pose_vit(encoder, tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         from poserft.model.io import atomic_replace_dir
+        apply_umask(tmp, recursive=True)         # safetensors writes 0600 files
         atomic_replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 ``tiny_policy(tmp_dir)`` builds a seconds-fast random PoseMLLM (16x16 images -> 4 image
 tokens by default, a 1-layer LLM) with a small byte-level BPE tokenizer trained on the
-prompt templates plus :data:`TEST_TEXTS`. Not used by the pipeline.
+prompt templates plus :data:`TEST_TEXTS`. Not used by the pipeline. Training fixtures
+(e.g. teaching a tiny policy the answer format) are in :mod:`poserft.train.testing`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 __all__ = ["TEST_TEXTS", "make_test_tokenizer", "tiny_model_config", "tiny_policy",
-           "teach_answer_format"]
+           "make_test_split"]
 
 TEST_TEXTS = [
     "The person is standing with both arms raised above the head.",
@@ -110,22 +111,3 @@ def make_test_split(path: str | os.PathLike, n: int = 32, image_size: int = 16, 
     }
     return write_split(path, arrays, {"source": "test", "split": split, "body_model": "skeleton",
                                       "converter_params": {"seed": seed}})
-
-
-def teach_answer_format(policy, split_path: str | os.PathLike, steps: int = 25):
-    """A few supervised steps so a tiny random policy emits 'The SMPL pose ... <POSE>.'
-    (it almost never does by chance, which would leave RL nothing to optimise)."""
-    import torch
-
-    from poserft.train.data import SFTTaskData
-
-    data = SFTTaskData(split_path, policy.config, {"text2pose": 1.0, "image2pose": 1.0})
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    for s in range(steps):
-        b = data.batch(s, 0, 8)
-        loss, _ = policy.sft_loss(policy.sft_batch(b["prompts"], b["answers"], b["images"],
-                                                   b["poses"], b["has_pose"]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return policy.eval()

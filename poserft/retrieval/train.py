@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ def _embed_split(model: RetrievalModel, split: RetrievalSplit, batch_size: int):
 def evaluate_recall(model: RetrievalModel, split: RetrievalSplit, cfg: RetrievalConfig
                     ) -> dict[str, dict[str, float]]:
     """``{"full": retrieval_recall(...), "sampled": ...}`` on ``split`` (eval mode)."""
-    from poserft.eval.metrics import retrieval_recall
+    from poserft.retrieval.metrics import retrieval_recall
 
     was_training = model.training
     model.eval()
@@ -124,7 +124,7 @@ def evaluate_recall(model: RetrievalModel, split: RetrievalSplit, cfg: Retrieval
 def chance_recall(split: RetrievalSplit, cfg: RetrievalConfig, seed: int = 0
                   ) -> dict[str, dict[str, float]]:
     """Recall of random embeddings on ``split`` under the same protocols: the chance level."""
-    from poserft.eval.metrics import retrieval_recall
+    from poserft.retrieval.metrics import retrieval_recall
 
     _, rows = np.unique(split.caption_pose, return_inverse=True)
     g = torch.Generator().manual_seed(seed)
@@ -172,7 +172,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_retrieval(cfg: RetrievalConfig | dict | None, role: str,
+def train_retrieval(cfg: RetrievalConfig | None, role: str,
                     split_paths: Mapping[str, str | os.PathLike],
                     tokenizer_path: str | os.PathLike | None, out_dir: str | os.PathLike,
                     tracker=None) -> dict:
@@ -182,8 +182,7 @@ def train_retrieval(cfg: RetrievalConfig | dict | None, role: str,
     role, seed, best_epoch, val_mRecall, test recall (both protocols), chance recall,
     test pair accuracy, number of training poses, seconds.
     """
-    if cfg is None or isinstance(cfg, dict):
-        cfg = RetrievalConfig.from_dict(cfg, where="retrieval")
+    cfg = RetrievalConfig.expect(cfg, "train_retrieval: cfg")
     if role not in ROLES:
         raise ValueError(f"train_retrieval: role {role!r} is not one of {list(ROLES)}")
     missing = [s for s in ("train", "val", "test") if s not in split_paths]

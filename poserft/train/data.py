@@ -25,7 +25,7 @@ import torch
 from poserft.model.config import ModelConfig
 from poserft.train.config import SFT_TASKS
 
-__all__ = ["Example", "SFTTaskData", "TASK_NEEDS"]
+__all__ = ["Example", "SFTTaskData", "SplitPoses", "TASK_NEEDS"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,70 @@ log = logging.getLogger(__name__)
 TASK_NEEDS = {"text2pose": ("captions/text",), "image2pose": ("images",),
               "image2text": ("images", "vqa/question")}
 _MAX_INMEMORY_IMAGE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class SplitPoses:
+    """The 6D poses of one split in the frame of each pose task: the targets of SFT and RFT,
+    and the train-split mean pose that ``poserft.eval`` reports as the floor.
+
+    Attributes (float32, one row per pose of ``/poses``):
+        canonical: (N,144) ``/poses`` (dataset frame).
+        text: (N,144) the text->pose frame: canonical, with the root's yaw removed when read
+            with ``text2pose_remove_yaw`` (a caption does not say which way the body faces).
+        image: (N,144) the image->pose frame: the camera-frame root
+            ``/image_pose/global_orient`` when the split has it, else ``canonical``.
+        caption_pose: (M,) int64, the pose row of each caption (empty without captions).
+    """
+
+    canonical: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+    caption_pose: np.ndarray
+
+    @classmethod
+    def read(cls, reader, text2pose_remove_yaw: bool) -> "SplitPoses":
+        """From an open :class:`poserft.data.h5io.SplitReader`."""
+        from poserft.body import smpl_to_vec6d
+        from poserft.retrieval.features import pose6d_without_root_yaw
+
+        poses = reader.poses()
+        go = torch.as_tensor(np.asarray(poses["global_orient"]), dtype=torch.float32)
+        bp = torch.as_tensor(np.asarray(poses["body_pose"]), dtype=torch.float32)
+        canonical = smpl_to_vec6d(go, bp)                                     # (N,144)
+        text = pose6d_without_root_yaw(canonical) if text2pose_remove_yaw else canonical
+        if reader.has("image_pose/global_orient"):
+            cam = torch.as_tensor(np.asarray(reader.read("image_pose/global_orient")),
+                                  dtype=torch.float32)
+            image = smpl_to_vec6d(cam, bp)
+        else:
+            image = canonical
+        caption_pose = (np.asarray(reader.read("captions/pose_index"), dtype=np.int64)
+                        if reader.has("captions/text") else np.zeros(0, np.int64))
+        return cls(canonical, text, image, caption_pose)
+
+    def task_targets(self, task: str) -> torch.Tensor:
+        """(n,144) 6D targets of every example of a pose task (text2pose: one per caption;
+        image2pose: one per pose row)."""
+        if task == "text2pose":
+            return self.text[torch.as_tensor(self.caption_pose)]
+        if task == "image2pose":
+            return self.image
+        raise ValueError(f"task_targets: {task!r} has no pose targets")
+
+    def mean_pose6d(self, *tasks: str) -> torch.Tensor:
+        """(144,) float32 mean of the targets of ``tasks`` pooled (accumulated in float64).
+
+        A mean of 6D vectors is not itself a rotation; the 6D->rotation map (Gram-Schmidt)
+        turns it into the rotation it stands for. The tasks' targets live in different
+        frames, so only a one-task mean is a fair floor for that task. With no task (or no
+        targets), the mean of ``canonical``.
+        """
+        parts = [self.task_targets(t) for t in tasks]
+        rows = torch.cat(parts) if parts else self.canonical
+        if rows.shape[0] == 0:
+            raise ValueError(f"mean_pose6d: no targets for {list(tasks)}")
+        return rows.double().mean(0).float()
 
 
 @dataclass(frozen=True)
@@ -49,28 +113,18 @@ class SFTTaskData:
 
     def __init__(self, split_path: str | os.PathLike, model_cfg: ModelConfig,
                  task_weights: dict[str, float], seed: int = 0, text2pose_remove_yaw: bool = False):
-        from poserft.body import smpl_to_vec6d
         from poserft.data.h5io import SplitReader
-        from poserft.retrieval.features import pose6d_without_root_yaw
 
         self.path, self.cfg, self.seed = Path(split_path), model_cfg, int(seed)
         self.reader = SplitReader(self.path)
         r = self.reader
-        poses = r.poses()
-        go = torch.as_tensor(np.asarray(poses["global_orient"]), dtype=torch.float32)
-        bp = torch.as_tensor(np.asarray(poses["body_pose"]), dtype=torch.float32)
-        self.pose6d = smpl_to_vec6d(go, bp)                                # (N,144)
-        # text->pose targets: a caption never says which way the body faces
-        self.text_pose6d = (pose6d_without_root_yaw(self.pose6d) if text2pose_remove_yaw
-                            else self.pose6d)
-        if r.has("image_pose/global_orient"):
-            cam = torch.as_tensor(np.asarray(r.read("image_pose/global_orient")), dtype=torch.float32)
-            self.image_pose6d = smpl_to_vec6d(cam, bp)
-        else:
-            self.image_pose6d = self.pose6d
+        # targets per task frame (text->pose: a caption never says which way the body faces)
+        self.poses = SplitPoses.read(r, text2pose_remove_yaw)
+        self.pose6d = self.poses.canonical                                 # (N,144)
+        self.text_pose6d = self.poses.text
+        self.image_pose6d = self.poses.image
+        self.caption_pose = self.poses.caption_pose
         self.captions = ([str(t) for t in r.read("captions/text")] if r.has("captions/text") else [])
-        self.caption_pose = (np.asarray(r.read("captions/pose_index"), dtype=np.int64)
-                             if self.captions else np.zeros(0, np.int64))
         if r.has("vqa/question"):
             self.questions = [str(t) for t in r.read("vqa/question")]
             self.vqa_answers = [str(t) for t in r.read("vqa/answer")]
@@ -152,22 +206,16 @@ class SFTTaskData:
         return self.collate(self.sample(step, micro, batch_size))
 
     def task_targets(self, task: str) -> torch.Tensor:
-        """(n,144) 6D targets of every example of a pose task (text2pose: one per caption,
-        canonical frame, yaw removed when configured; image2pose: camera frame)."""
-        if task == "text2pose":
-            return self.text_pose6d[torch.as_tensor(self.caption_pose)]
-        if task == "image2pose":
-            return self.image_pose6d
-        raise ValueError(f"task_targets: {task!r} has no pose targets")
+        """(n,144) 6D targets of every example of a pose task (:meth:`SplitPoses.task_targets`:
+        text2pose one per caption, canonical frame, yaw removed when configured; image2pose
+        camera frame)."""
+        return self.poses.task_targets(task)
 
     def mean_pose6d(self, task: str | None = None) -> torch.Tensor:
         """(144,) mean 6D target of one pose task (its 'mean pose' floor), or, with
         ``task=None``, over the rows of every pose task in the mix (the head's initial bias).
-
-        The two tasks' targets live in different frames (text: canonical, yaw removed;
-        image: camera frame), so only the per-task mean is a fair floor for that task.
+        See :meth:`SplitPoses.mean_pose6d`.
         """
         if task is not None:
-            return self.task_targets(task).mean(0)
-        parts = [self.task_targets(t) for t in ("text2pose", "image2pose") if t in self.tasks]
-        return torch.cat(parts).mean(0) if parts else self.pose6d.mean(0)
+            return self.poses.mean_pose6d(task)
+        return self.poses.mean_pose6d(*(t for t in ("text2pose", "image2pose") if t in self.tasks))

@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import Mapping, MutableMapping
 
 __all__ = ["DistInfo", "expand_hostlist", "slurm_to_torch_env", "resolve_dist_env",
-           "init_distributed", "barrier", "is_main_process"]
+           "init_distributed", "barrier"]
 
 _TORCH_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -156,11 +156,6 @@ def init_distributed(device_type: str = "cpu", timeout_s: int = 1800,
                                 timeout=timedelta(seconds=timeout_s),
                                 rank=info.rank, world_size=info.world_size)
     return info
-
-
-def is_main_process() -> bool:
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def barrier() -> None:

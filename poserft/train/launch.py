@@ -6,9 +6,14 @@ A Snakemake ``script:`` job is ONE process, even inside an 8-GPU SLURM allocatio
 * ``nproc <= 1``: the stage runs in-process, exactly as before.
 * ``nproc > 1``: the stage's keyword arguments go into a temporary JSON payload and
   ``python -m torch.distributed.run --standalone --nproc-per-node N -m poserft.train.launch
-  STAGE PAYLOAD`` starts N ranks on this node; each rank runs :func:`stage_entry`, which calls
-  ``run_sft``/``run_rft``. ``TrainEngine`` reads ``RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*``
-  from torchrun (nccl and ``cuda:LOCAL_RANK`` on GPUs, gloo on CPU).
+  MODULE:QUALNAME PAYLOAD`` starts N ranks on this node; each rank runs :func:`stage_entry`,
+  which imports the stage function by that reference (e.g. ``poserft.train.sft:run_sft``)
+  and calls it. ``TrainEngine`` reads ``RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*`` from torchrun
+  (nccl and ``cuda:LOCAL_RANK`` on GPUs, gloo on CPU).
+
+The stage is the function itself (``launch_local(run_sft, kwargs, nproc, tracker=...)``), so
+go-to-definition follows it; with several ranks it must be importable by its module and
+qualified name (a module-level function, not a lambda, closure or ``__main__`` function).
 
 How many processes (:func:`resolve_nproc`, from the job's Snakemake resources): one per GPU
 when the job asks for ``gpu`` > 1 (the SLURM profile: ``gpu: 8``); otherwise the
@@ -28,8 +33,12 @@ parent's stdout, i.e. the rule's ``log:`` file).
 
 Payload JSON::
 
-    {"stage": "sft", "kwargs": {...run_sft keyword arguments, JSON...},
+    {"stage": "poserft.train.sft:run_sft", "kwargs": {...run_sft keyword arguments, JSON...},
      "tracking": {"run_id": "...", "tracking_uri": "..."} | null, "result_path": "..."}
+
+Config sections (:class:`poserft.configbase.Section`, e.g. the typed params of
+``poserft.workflow.job``) travel as ``{"__section__": "module:qualname", "fields": {...}}``
+and reach the ranks as the same typed object (``from_dict`` of its ``to_dict``).
 """
 
 from __future__ import annotations
@@ -47,17 +56,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["STAGES", "NPROC_RESOURCE", "LaunchError", "resolve_nproc", "job_nproc",
-           "stage_function", "launch_local", "stage_entry", "main"]
+__all__ = ["NPROC_RESOURCE", "LaunchError", "resolve_nproc", "job_nproc", "stage_reference",
+           "resolve_stage", "launch_local", "stage_entry", "main"]
 
 log = logging.getLogger(__name__)
 
-# stage name -> (module, function); each function takes keyword arguments and ``tracker=``.
-STAGES: dict[str, tuple[str, str]] = {
-    "sft": ("poserft.train.sft", "run_sft"),
-    "rft": ("poserft.rl.trainer", "run_rft"),
-}
 NPROC_RESOURCE = "nproc_per_node"
+_SECTION_KEY = "__section__"  # a config section in the payload (module docstring)
 # Variables of an enclosing launcher that must not leak into the ranks' rendezvous.
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -123,29 +128,87 @@ def job_nproc(snakemake: Any) -> int:
     return resolve_nproc(resources, cuda_devices)
 
 
-def stage_function(stage: str) -> Callable[..., dict]:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; launchable stages: {sorted(STAGES)}")
-    module, name = STAGES[stage]
-    return getattr(importlib.import_module(module), name)
+def resolve_stage(reference: str) -> Callable[..., dict]:
+    """The function named by ``"module:qualname"`` (what :func:`stage_reference` returns)."""
+    module, sep, qualname = reference.partition(":")
+    if not sep or not module or not qualname:
+        raise ValueError(f"stage reference {reference!r} is not 'module:qualname'")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def stage_reference(fn: Callable[..., Any]) -> str:
+    """``"module:qualname"`` of a stage function (or a config section class), checked to
+    import back to ``fn`` itself.
+
+    The ranks started by torchrun are new interpreters: they get the stage by importing it,
+    so it must be a module-level function (or a class attribute) of an importable module.
+    Lambdas, closures, functions of ``__main__`` and wrappers that hide the original raise
+    ValueError here, before anything starts.
+    """
+    if not callable(fn):
+        raise TypeError(f"launch_local: the stage must be a function, got {type(fn).__name__}")
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    reference = f"{module}:{qualname}"
+    why = None
+    if not module or not qualname:
+        why = "it has no __module__/__qualname__"
+    elif "<" in qualname:  # '<lambda>', 'outer.<locals>.inner'
+        why = "lambdas and functions defined inside functions cannot be imported"
+    elif module == "__main__":
+        why = "functions of __main__ are not importable in the ranks"
+    else:
+        try:
+            found = resolve_stage(reference)
+        except (ImportError, AttributeError) as exc:
+            why = f"importing it failed ({type(exc).__name__}: {exc})"
+        else:
+            if found is not fn:
+                why = "that name holds a different object (rebound, or a decorator's wrapper)"
+    if why is not None:
+        raise ValueError(f"launch_local: stage {reference} cannot be started on several ranks: "
+                         f"{why}; pass a module-level function such as "
+                         "poserft.train.sft.run_sft")
+    return reference
 
 
 def _json_default(obj: Any) -> Any:
+    from poserft.configbase import Section
+
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
+    if isinstance(obj, Section):
+        return {_SECTION_KEY: stage_reference(type(obj)), "fields": obj.to_dict()}
     raise TypeError(type(obj).__name__)
 
 
-def _payload_text(stage: str, kwargs: Mapping[str, Any], tracking: dict | None,
-                  result_path: Path) -> str:
+def _json_object(d: dict) -> Any:
+    """``json.loads`` hook: a config section of the payload back to its typed object."""
+    if _SECTION_KEY in d:
+        cls = resolve_stage(d[_SECTION_KEY])
+        return cls.from_dict(d["fields"], where=cls.__name__)
+    return d
+
+
+def _check_json_kwargs(stage: str, kwargs: Mapping[str, Any]) -> None:
+    """ValueError naming the first argument that cannot travel to the ranks as JSON."""
     for key, value in kwargs.items():
         try:
             json.dumps(value, default=_json_default, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"launch_local({stage!r}): argument {key!r} cannot be sent to the "
-                             f"ranks as JSON ({exc}); pass config dicts and paths, and let the "
-                             "stage build objects itself (e.g. text_embedder as its section "
-                             "dict)") from None
+            raise ValueError(f"launch_local({stage}): argument {key!r} cannot be sent to the "
+                             f"ranks as JSON ({exc}); pass config sections and paths, and let "
+                             "the stage build objects itself (e.g. text_embedder as its "
+                             "section)") from None
+
+
+def _payload_text(stage: str, kwargs: Mapping[str, Any], tracking: dict | None,
+                  result_path: Path) -> str:
+    """The payload JSON; ``stage`` is the function's ``module:qualname`` reference."""
+    _check_json_kwargs(stage, kwargs)
     return json.dumps({"stage": stage, "kwargs": dict(kwargs), "tracking": tracking,
                        "result_path": str(result_path)}, default=_json_default, allow_nan=False)
 
@@ -191,7 +254,7 @@ def _failure_message(stage: str, nproc: int, rc: int, output: str, log_dir: Path
     if not tails:  # torchrun failed before any rank wrote: show its own output
         tails = "--- torchrun ---\n" + "\n".join(output.splitlines()[-_TAIL_LINES:])
     who = f"rank {rank} failed first" if rank is not None else "no rank named as the root cause"
-    return (f"stage {stage!r}: {nproc} processes launched with torchrun exited with code {rc} "
+    return (f"stage {stage}: {nproc} processes launched with torchrun exited with code {rc} "
             f"({who}). Log tail:\n{tails}")
 
 
@@ -229,52 +292,60 @@ def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def launch_local(stage: str, kwargs: Mapping[str, Any], nproc: int, tracker: Any = None) -> dict:
-    """Run ``stage`` (a key of :data:`STAGES`) with ``kwargs`` on ``nproc`` processes of this
-    node and return rank 0's summary.
+def launch_local(stage: Callable[..., dict], kwargs: Mapping[str, Any], nproc: int,
+                 tracker: Any = None) -> dict:
+    """Run the stage function ``stage`` (e.g. :func:`poserft.train.sft.run_sft`) with
+    ``kwargs`` and ``tracker=`` on ``nproc`` processes of this node; return rank 0's summary.
 
     ``tracker``: the job's tracker (``poserft.workflow.job``). In-process it is passed through;
-    with several ranks rank 0 logs into the same MLflow run. ``kwargs`` must be JSON (dicts,
-    lists, numbers, strings, paths) when ``nproc > 1``.
+    with several ranks rank 0 logs into the same MLflow run. When ``nproc > 1``, ``stage`` must
+    be importable as ``module:qualname`` (:func:`stage_reference`) and ``kwargs`` must be JSON
+    (dicts, lists, numbers, strings, paths) or config sections; both are checked before
+    anything starts.
     """
-    fn = stage_function(stage)
     nproc = int(nproc)
     if nproc <= 1:
-        return fn(**kwargs, tracker=tracker)
+        if not callable(stage):
+            raise TypeError(f"launch_local: the stage must be a function, got "
+                            f"{type(stage).__name__}")
+        return stage(**kwargs, tracker=tracker)
+    reference = stage_reference(stage)
+    _check_json_kwargs(reference, kwargs)
     if tracker is not None:
         tracker.set_tags({"nproc_per_node": nproc})
-    with tempfile.TemporaryDirectory(prefix=f"poserft-{stage}-launch-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"poserft-{getattr(stage, '__name__', 'stage')}-launch-") as tmp:
         tmp = Path(tmp)
         result_path = tmp / "result.json"
         payload = tmp / "payload.json"
-        payload.write_text(_payload_text(stage, kwargs, _tracking_of(tracker), result_path))
+        payload.write_text(_payload_text(reference, kwargs, _tracking_of(tracker), result_path))
         log_dir = tmp / "ranks"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "--max-restarts=0", f"--log-dir={log_dir}",
-               "--tee=3", "-m", "poserft.train.launch", stage, str(payload)]
-        log.info("%s: starting %d processes: %s", stage, nproc, " ".join(cmd))
+               "--tee=3", "-m", "poserft.train.launch", reference, str(payload)]
+        log.info("%s: starting %d processes: %s", reference, nproc, " ".join(cmd))
         rc, output = _run_streaming(cmd, _child_env())
         if rc != 0:
-            raise LaunchError(_failure_message(stage, nproc, rc, output, log_dir))
+            raise LaunchError(_failure_message(reference, nproc, rc, output, log_dir))
         if not result_path.exists():
-            raise LaunchError(f"stage {stage!r}: all {nproc} processes exited 0 but rank 0 wrote "
-                              f"no summary to {result_path}")
+            raise LaunchError(f"stage {reference}: all {nproc} processes exited 0 but rank 0 "
+                              f"wrote no summary to {result_path}")
         return json.loads(result_path.read_text())
 
 
 def stage_entry(stage: str, payload_path: str | os.PathLike) -> dict:
-    """One rank: load the payload, build this rank's tracker, run the stage.
+    """One rank: load the payload, build this rank's tracker, import and run the stage
+    (``stage``: its ``module:qualname`` reference, as on the command line).
 
     Rank 0 logs into the parent's MLflow run (never ending it) and writes the summary for the
     parent; other ranks get a NullTracker and write nothing.
     """
     from poserft.tracking import NullTracker, Tracker, rank_zero
 
-    payload = json.loads(Path(payload_path).read_text())
+    payload = json.loads(Path(payload_path).read_text(), object_hook=_json_object)
     if payload.get("stage") != stage:
         raise ValueError(f"{payload_path}: payload is for stage {payload.get('stage')!r}, "
                          f"launched as {stage!r}")
-    fn = stage_function(stage)
+    fn = resolve_stage(stage)
     tracking = payload.get("tracking")
     main_rank = rank_zero()
     tracker: Any = NullTracker()
@@ -297,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m poserft.train.launch STAGE PAYLOAD.json  (started by torchrun; "
-              "see poserft.train.launch.launch_local)", file=sys.stderr)
+        print("usage: python -m poserft.train.launch MODULE:FUNCTION PAYLOAD.json  (started by "
+              "torchrun; see poserft.train.launch.launch_local)", file=sys.stderr)
         return 2
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO,

@@ -67,7 +67,6 @@ _PARAMS = {
 # How strongly the global noise acts on each kind (spine noise is on the 3-joint total).
 _NOISE_SCALE = {"hip": 1.0, "knee": 1.0, "ankle": 0.7, "spine": 1.2, "neck": 1.0,
                 "head": 0.7, "collar": 0.5, "shoulder": 1.2, "elbow": 1.2, "wrist": 1.0}
-_SIDED = ("hip", "knee", "ankle", "collar", "shoulder", "elbow", "wrist")
 _LEG_KINDS = ("hip", "knee", "ankle")
 _ARM_KINDS = ("collar", "shoulder", "elbow", "wrist")
 
