@@ -90,7 +90,8 @@ def main() -> None:
     else:
         from poserft.model.config import ModelConfig
         from poserft.model.policy import build_policy
-        from poserft.model.testing import make_test_tokenizer, teach_answer_format
+        from poserft.model.testing import make_test_tokenizer
+        from poserft.train.testing import teach_answer_format
         base = build_policy(ModelConfig(), make_test_tokenizer(tmp))
         teach_answer_format(base, split, args.teach_steps)
         source = f"default model section, {args.teach_steps} format-teaching steps"
@@ -104,13 +105,13 @@ def main() -> None:
         n = args.batch_size * args.group_size
         cfg = RFTConfig.from_dict(dict(
             mode=mode, batch_size=args.batch_size, group_size=args.group_size,
-            micro_batch_size=n, mu=args.mu, task_mix={"image2pose": 0.5, "text2pose": 0.5},
+            micro_batch_size=n, mu=args.mu, task_weights={"image2pose": 0.5, "text2pose": 0.5},
             optim={"lr": 1e-9, "warmup_steps": 0, "min_lr_ratio": 1.0}), where="rft")
         policy = copy.deepcopy(base)
         reference = copy.deepcopy(base).requires_grad_(False)
-        mix = {t: w for t, w in cfg.task_mix.items() if w > 0}
+        mix = {t: w for t, w in cfg.task_weights.items() if w > 0}
         sampler = PromptSampler(SFTTaskData(split, policy.config, mix), mix)
-        ctx = T.build_reward_context(cfg, reward_dir, need_text=False)
+        ctx = T.build_reward_context(cfg, {"body_model", "semantic_model"}, reward_dir)
         engine = TrainEngine(policy, cfg.optim, cfg.engine, 10 ** 6, tmp / f"ckpt_{mode}",
                              grad_accum=1, micro_batch_size=n)
         batch = sampler.sample(0, cfg.batch_size)

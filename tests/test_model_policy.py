@@ -5,6 +5,7 @@ import torch
 
 from poserft.model.heads import PointPose, PoseGaussian, UndefinedForDeterministicHead
 from poserft.model.testing import make_test_split, tiny_policy
+from poserft.model.policy import PoseMLLM
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -296,5 +297,7 @@ def test_sft_batch_validation(tmp_path):
         policy.sft_batch(["a"], ["no placeholder"], None, torch.zeros(1, 144), torch.tensor([True]))
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
         policy.sft_batch(["a", "b"], ["x"])
-    with pytest.raises(ValueError, match="unknown method"):
-        policy("train_me")
+    with pytest.raises(TypeError, match="expected PoseMLLM.sft_loss or PoseMLLM.score"):
+        policy("sft_loss")   # no dispatch by string
+    with pytest.raises(TypeError, match="expected PoseMLLM.sft_loss or PoseMLLM.score"):
+        policy(PoseMLLM.generate, ["a"])

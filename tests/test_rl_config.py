@@ -4,26 +4,37 @@ import pytest
 
 from poserft.configbase import ConfigError
 from poserft.rl import core
+from poserft.rl import config as C
 from poserft.rl.config import RFTConfig
 
 
 def test_defaults_are_valid_and_match_the_core_registries():
     cfg = RFTConfig.from_dict({}, where="rft")
     assert cfg.batch_size * cfg.group_size % cfg.micro_batch_size == 0
-    assert cfg.mode in core.HYGRPO_MODES
-    assert cfg.token_kl_estimator in core.TOKEN_KL_ESTIMATORS
-    assert cfg.pose_kl_estimator in core.POSE_KL_ESTIMATORS
-    assert cfg.loss_agg_mode in core.LOSS_AGG_MODES
-    assert cfg.advantage_estimator in core.ADVANTAGE_ESTIMATORS
-    # every choice the config offers exists in the registries
+    # each name the config offers has exactly one registered function, and no more
+    assert set(C.TOKEN_KL_ESTIMATOR_NAMES) == set(core.TOKEN_KL_ESTIMATORS)
+    assert set(C.POSE_KL_ESTIMATOR_NAMES) == set(core.POSE_KL_ESTIMATORS)
+    assert set(C.LOSS_AGG_MODE_NAMES) == set(core.LOSS_AGG_MODES)
+    assert set(C.POSE_LOSS_AGG_MODE_NAMES) == set(core.POSE_LOSS_AGG_MODES)
+    assert set(C.ADVANTAGE_ESTIMATOR_NAMES) == set(core.ADVANTAGE_ESTIMATORS)
     import dataclasses
     fields = {f.name: f for f in dataclasses.fields(RFTConfig)}
-    assert set(fields["loss_agg_mode"].metadata["choices"]) == set(core.LOSS_AGG_MODES)
-    assert set(fields["token_kl_estimator"].metadata["choices"]) == set(core.TOKEN_KL_ESTIMATORS)
-    assert set(fields["pose_kl_estimator"].metadata["choices"]) == set(core.POSE_KL_ESTIMATORS)
-    assert set(fields["advantage_estimator"].metadata["choices"]) == set(core.ADVANTAGE_ESTIMATORS)
-    assert set(fields["pose_loss_agg_mode"].metadata["choices"]) == set(core.POSE_LOSS_AGG_MODES)
-    assert cfg.pose_loss_agg_mode in core.POSE_LOSS_AGG_MODES
+    assert fields["token_kl_estimator"].metadata["choices"] is C.TOKEN_KL_ESTIMATOR_NAMES
+    assert cfg.mode in C.RFT_MODES
+
+
+def test_rewards_follow_their_declarations():
+    cfg = RFTConfig()
+    assert cfg.discrete_rewards == ["format", "text"] and cfg.continuous_rewards == ["joint", "semantic"]
+    assert cfg.reward_tasks == {n: list(d.tasks) for n, d in C.REWARD_DECLS.items()}
+    assert C.HELDOUT_REWARDS == {"image2pose": "joint", "text2pose": "semantic"}
+    # the trainer builds only the frozen models of the rewards that will run
+    assert cfg.needed_models() == {"body_model", "semantic_model"}   # image2text weight 0
+    cfg = RFTConfig.from_dict({"task_weights": {"image2text": 1.0}}, where="rft")
+    assert cfg.needed_models() == {"text_embedder"}
+    assert cfg.needed_models(("text2pose",)) == {"text_embedder", "semantic_model"}
+    cfg = RFTConfig.from_dict({"reward_weights": {"format": 1.0, "joint": 1.0}}, where="rft")
+    assert cfg.needed_models() == {"body_model"}
 
 
 def test_micro_batch_must_divide_rollout_batch_and_message_names_keys():
@@ -39,8 +50,8 @@ def test_micro_batch_must_divide_rollout_batch_and_message_names_keys():
     ({"reward_weights": {"bleu": 1.0}}, "rft.reward_weights"),
     ({"reward_tasks": {"format": ["pose2text"], "text": ["image2text"], "joint": ["image2pose"],
                        "semantic": ["text2pose"]}}, "unknown task 'pose2text'"),
-    ({"task_mix": {"image2pose": 0.0, "text2pose": 0.0}}, "rft.task_mix"),
-    ({"task_mix": {"image2text": 1.0}, "reward_weights": {"text": 0.0, "format": 1.0}}, "rft.task_mix.image2text"),
+    ({"task_weights": {"image2pose": 0.0, "text2pose": 0.0}}, "rft.task_weights"),
+    ({"task_weights": {"image2text": 1.0}, "reward_weights": {"text": 0.0, "format": 1.0}}, "rft.task_weights.image2text"),
     ({"format_regex": "(unclosed"}, "rft.format_regex"),
     ({"group_size": 1}, "rft.group_size"),
     ({"mode": "ppo"}, "rft.mode"),
@@ -74,13 +85,12 @@ def test_hygrpo_params_defaults_are_the_config_defaults():
 
 def test_trainer_passes_every_shared_field_through():
     import dataclasses
-    from poserft.rl.trainer import hygrpo_params
     cfg = RFTConfig.from_dict({"mode": "grpo", "clip_eps_token": 0.1, "clip_eps_token_high": 0.3,
                                "clip_eps_pose": 0.15, "dual_clip_c": 2.5, "beta_token": 0.02,
                                "beta_pose": 0.07, "token_kl_estimator": "k2",
                                "loss_agg_mode": "token-mean",
                                "pose_loss_agg_mode": "group-mean-candidate-mean"}, where="rft")
-    params = hygrpo_params(cfg)
+    params = core.HyGRPOParams.from_config(cfg)
     for f in dataclasses.fields(core.HyGRPOParams):
         if hasattr(cfg, f.name):
             assert getattr(params, f.name) == getattr(cfg, f.name), f.name

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from poserft.rl import core
+from poserft.rl.config import RFT_MODES
 from poserft.rl.core import HyGRPOParams, hygrpo_loss
 
 
@@ -101,7 +102,7 @@ def test_hygrpo_discrete_part_matches_grpo_and_modes_add_up():
                   completion_mask=mask, token_advantages=adv, pose_logprob=plp,
                   old_pose_logprob=pold, pose_kl_to_ref=pkl, pose_valid=valid,
                   pose_advantages=padv)
-    losses = {m: hygrpo_loss(params=HyGRPOParams(mode=m), **common)[0] for m in core.HYGRPO_MODES}
+    losses = {m: hygrpo_loss(params=HyGRPOParams(mode=m), **common)[0] for m in RFT_MODES}
     assert losses["hygrpo"].item() == pytest.approx(losses["grpo"].item() + losses["continuous"].item(),
                                                     rel=1e-6)
 
@@ -217,7 +218,10 @@ def test_k3_is_nonnegative_and_unbiased():
     assert abs(k3.mean().item() - true) < 4 * se
     assert se < 0.05 * true  # the tolerance is meaningful
     assert core.diag_gaussian_kl(mp, sp, mq, sq).item() == pytest.approx(true, rel=1e-10)
-    assert core.pose_kl("analytic", P, Q, x[:3]).item() == pytest.approx(true, rel=1e-10)
+    from poserft.model.heads import PoseGaussian   # the policy's pose distribution
+    analytic = core.pose_kl("analytic", PoseGaussian(mp[None], sp[None], None),
+                            PoseGaussian(mq[None], sq[None], None), x[:1])
+    assert analytic.item() == pytest.approx(true, rel=1e-10)
 
 
 def test_no_valid_pose_gives_zero_but_differentiable_continuous_term():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import poserft.body as body
-from poserft.rl.config import REWARD_KINDS, RFTConfig
+from poserft.rl.config import REWARD_DECLS, RFTConfig
 from poserft.rl.rewards import REWARDS, RewardContext, RewardInputs, compute_rewards
 
 TASKS = {"format": ["image2pose", "text2pose"], "text": ["image2text"], "joint": ["image2pose"],
@@ -24,10 +24,11 @@ def bent_pose(n, joint=18, angle=1.0):
     return body.smpl_to_vec6d(torch.zeros(n, 3), bp)
 
 
-def test_registry_matches_config_kinds():
-    assert set(REWARDS) == set(REWARD_KINDS)
+def test_registry_matches_the_declarations():
+    assert set(REWARDS) == set(REWARD_DECLS)
     for name, spec in REWARDS.items():
-        assert spec.kind == REWARD_KINDS[name]
+        assert spec.decl is REWARD_DECLS[name]
+        assert spec.needs_pose == (spec.kind == "continuous")
 
 
 @pytest.mark.parametrize("text", [

@@ -3,6 +3,7 @@ clipped surrogates, both KL terms and the valid mask end to end, without the MLL
 
 import torch
 
+from poserft.model.heads import PoseGaussian
 from poserft.rl import core
 
 D, K = 3, 4                      # pose dims, "token" vocabulary
@@ -22,8 +23,8 @@ class ToyPolicy(torch.nn.Module):
 
     def dists(self, n):
         cat = torch.distributions.Categorical(logits=self.logits.expand(n, K))
-        gauss = torch.distributions.Independent(
-            torch.distributions.Normal(self.mean.expand(n, D), self.log_std.exp().expand(n, D)), 1)
+        # the policy's own pose distribution type (its KL is the analytic pose KL of core)
+        gauss = PoseGaussian(self.mean.expand(n, D), self.log_std.exp().expand(n, D))
         return cat, gauss
 
 

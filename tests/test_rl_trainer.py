@@ -48,10 +48,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, one_thread):
     from poserft.model.io import save_policy
-    from poserft.model.testing import teach_answer_format, tiny_policy
+    from poserft.model.testing import tiny_policy
     from poserft.retrieval.checkpoint import save_retrieval_model
     from poserft.retrieval.config import RetrievalConfig
     from poserft.retrieval.model import RetrievalArch, RetrievalModel
+    from poserft.train.testing import teach_answer_format
 
     root = tmp_path_factory.mktemp("rftworld")
     torch.manual_seed(0)
@@ -82,9 +83,9 @@ def _setup(world, cfg, tmp_path):
 
     policy = load_policy(world["sft"])
     reference = copy.deepcopy(policy).requires_grad_(False)
-    mix = {t: w for t, w in cfg.task_mix.items() if w > 0}
+    mix = {t: w for t, w in cfg.task_weights.items() if w > 0}
     sampler = PromptSampler(SFTTaskData(world["splits"]["train"], policy.config, mix), mix)
-    ctx = T.build_reward_context(cfg, world["reward"], need_text=False)
+    ctx = T.build_reward_context(cfg, {"body_model", "semantic_model"}, world["reward"])
     engine = TrainEngine(policy, cfg.optim, cfg.engine, cfg.steps * cfg.mu, tmp_path,
                          grad_accum=2, micro_batch_size=cfg.micro_batch_size)
     return policy, reference, sampler, ctx, engine
@@ -104,7 +105,11 @@ def test_first_update_pass_has_unit_ratios_and_exact_micro_shares(world, tmp_pat
     micro, adv_m = T.prepare_micro_batches(batch, rollout, rewards, cfg, reference)
     assert len(micro) == 2 and "adv_token/mean" in adv_m
     assert sum(m.token_weight for m in micro) == pytest.approx(1.0)
-    loss_fn = T.make_loss_fn(batch, cfg, len(micro))
+    old = T.OldLogProbs.empty(len(micro))
+    # a later pass without the first pass's pi_old is an error, not a silent on-policy pass
+    with pytest.raises(ValueError, match="old_token_logprobs"):
+        T.make_loss_fn(batch, cfg, len(micro), old, on_policy=False)(policy, micro[0])
+    loss_fn = T.make_loss_fn(batch, cfg, len(micro), old, on_policy=True)
     policy.train()
     for mb in micro:
         _, metrics = loss_fn(policy, mb)
@@ -112,13 +117,25 @@ def test_first_update_pass_has_unit_ratios_and_exact_micro_shares(world, tmp_pat
         assert metrics["token/clipfrac"] == 0.0
         # the reference is the same weights: every KL estimate is ~0
         assert abs(metrics["token/kl_ref"]) < 1e-6
-        # the policy's own rollout log-probs agree with the teacher-forced recompute
+        # the recorded pi_old is the teacher-forced recompute, which agrees with the
+        # rollout's sampling-time log-probs (their gap is logged)
         tok_mask = mb.rollout.completion_mask > 0
-        torch.testing.assert_close(mb.old_token_logprobs[tok_mask],
+        torch.testing.assert_close(old.token[mb.index][tok_mask],
                                    mb.rollout.token_logprobs[tok_mask], rtol=1e-4, atol=1e-4)
+        assert metrics["rollout/token_logprob_gap"] < 1e-4
         if mb.pose_valid.any():
             assert metrics["pose/ratio/mean"] == pytest.approx(1.0, abs=1e-6)
             assert abs(metrics["pose/kl_ref"]) < 1e-6
+            torch.testing.assert_close(old.pose[mb.index][mb.pose_valid],
+                                       mb.rollout.pose_logprob[mb.pose_valid], rtol=1e-4, atol=1e-3)
+    # pass 2 reads the recorded pi_old: same weights, so its ratios are 1 as well
+    replay = T.make_loss_fn(batch, cfg, len(micro), old, on_policy=False)
+    recorded = [t.clone() for t in old.token]
+    for mb in micro:
+        _, metrics = replay(policy, mb)
+        assert metrics["token/ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+        assert "rollout/token_logprob_gap" not in metrics
+    assert all(torch.equal(a, b) for a, b in zip(recorded, old.token))
 
 
 def test_backbone_gets_the_summed_gradient(world, tmp_path):
@@ -136,13 +153,14 @@ def test_backbone_gets_the_summed_gradient(world, tmp_path):
     assert valid.any()
     grads = {}
     for mode in ("hygrpo", "grpo", "continuous"):
-        mb = T.MicroBatch(rollout=rollout, token_advantages=torch.randn(n, generator=gen),
+        mb = T.MicroBatch(rollout=rollout, index=0, token_advantages=torch.randn(n, generator=gen),
                           pose_advantages=torch.randn(n, generator=gen) * valid, pose_valid=valid,
                           token_weight=1.0, pose_weight=1.0)
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(3)  # same advantages for every mode
         policy.zero_grad(set_to_none=True)
-        loss, _ = T.make_loss_fn(batch, _cfg(mode=mode, beta_token=0.0, beta_pose=0.0), 1)(policy, mb)
+        loss, _ = T.make_loss_fn(batch, _cfg(mode=mode, beta_token=0.0, beta_pose=0.0), 1,
+                                 T.OldLogProbs.empty(1), on_policy=True)(policy, mb)
         loss.backward()
         grads[mode] = {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
                        for k, p in policy.named_parameters()}
@@ -163,7 +181,7 @@ def test_run_rft_end_to_end_and_resume(world, tmp_path, mode):
 
     out = tmp_path / "rft"
     cfg = _cfg(mode=mode, steps=1)
-    s1 = T.run_rft(None, cfg, world["sft"], world["reward"], world["splits"], out)
+    s1 = T.run_rft(cfg, world["sft"], world["reward"], world["splits"], out)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "rft_summary.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "rft_summary.json").read_text())
@@ -193,7 +211,7 @@ def test_run_rft_end_to_end_and_resume(world, tmp_path, mode):
     assert head_changed == (mode == "hygrpo")
 
     # resume: a longer run continues from the checkpoint, keeps the SFT-start measurement
-    s2 = T.run_rft(None, _cfg(mode=mode, steps=2), world["sft"], world["reward"],
+    s2 = T.run_rft(_cfg(mode=mode, steps=2), world["sft"], world["reward"],
                    world["splits"], out)
     assert s2["optimizer_steps"] == 2 * cfg.mu
     assert s2["heldout_before"] == s1["heldout_before"]
@@ -202,10 +220,72 @@ def test_run_rft_end_to_end_and_resume(world, tmp_path, mode):
 
     # a rerun after a config change (what Snakemake does when the rft section is edited)
     # must not continue these checkpoints: it starts from the SFT policy again
-    s3 = T.run_rft(None, _cfg(mode=mode, steps=1, clip_eps_pose=0.25), world["sft"],
+    s3 = T.run_rft(_cfg(mode=mode, steps=1, clip_eps_pose=0.25), world["sft"],
                    world["reward"], world["splits"], out)
     assert s3["optimizer_steps"] == cfg.mu
     assert s3["heldout_before"] == s1["heldout_before"]   # measured afresh on the SFT policy
+
+
+_KILLED_RUN = """
+import os, signal
+import torch
+from poserft.rl.config import RFTConfig
+from poserft.rl.trainer import run_rft
+torch.set_num_threads(1)
+
+
+class KillAfterCheckpoint:
+    # a tracker that SIGKILLs the process at an RL step after the step-2 checkpoint
+    def log_metrics(self, m, step=None):
+        if step == {kill_step} and any(k.startswith("rft/") for k in m):
+            os.kill(os.getpid(), signal.SIGKILL)
+    def log_params(self, p): ...
+    def log_artifact(self, *a, **k): ...
+    def set_tags(self, t): ...
+
+
+cfg = RFTConfig.from_dict({cfg!r}, where="rft")
+run_rft(cfg, {sft!r}, {reward!r}, {splits!r}, {out!r}, tracker=KillAfterCheckpoint())
+"""
+
+
+def test_rft_killed_after_a_checkpoint_resumes_and_ends_equal_to_an_uninterrupted_run(
+        world, tmp_path, caplog):
+    """SIGKILL (a real one, in a child process) after the RL-step-2 checkpoint; the rerun logs
+    'resumed from step N', continues from there and ends bit-identical to a run never killed."""
+    import logging
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg = _cfg(steps=4, engine={"checkpoint_every": 2, "log_every": 1})
+    splits = {k: str(v) for k, v in world["splits"].items()}
+    full = T.run_rft(cfg, world["sft"], world["reward"], splits, tmp_path / "full" / "rft")
+
+    out = tmp_path / "killed" / "rft"
+    script = _KILLED_RUN.format(kill_step=3 * cfg.mu, cfg=cfg.to_dict(), sft=str(world["sft"]),
+                                reward=str(world["reward"]), splits=splits, out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ckpts = sorted(p.name for p in (out.parent / "rft_checkpoints" / "checkpoints").iterdir())
+    assert ckpts == [f"step_{2 * cfg.mu:08d}"] and not (out / "model.safetensors").exists()
+
+    with caplog.at_level(logging.INFO, logger="poserft.train.engine"):
+        resumed = T.run_rft(cfg, world["sft"], world["reward"], splits, out)
+    assert f"resumed from step {2 * cfg.mu}" in caplog.text
+    assert resumed["optimizer_steps"] == full["optimizer_steps"] == 4 * cfg.mu
+    assert resumed["heldout_before"] == full["heldout_before"]
+    assert resumed["heldout_after"] == full["heldout_after"]
+    a = load_file(tmp_path / "full" / "rft" / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rft_checkpoints_by_default():
+    assert RFTConfig().engine.checkpoint_every > 0
 
 
 def test_group_means_match_a_loop():
@@ -253,14 +333,14 @@ def test_mode_needs_gaussian_head(world, tmp_path):
     policy, _ = tiny_policy(tmp_path, head="deterministic")
     save_policy(policy, tmp_path / "det")
     with pytest.raises(ValueError, match="model.head=gaussian"):
-        T.run_rft(None, _cfg(), tmp_path / "det", world["reward"], world["splits"], tmp_path / "o")
+        T.run_rft(_cfg(), tmp_path / "det", world["reward"], world["splits"], tmp_path / "o")
 
 
 def test_out_dir_with_foreign_content_is_refused(world, tmp_path):
     run_dir = tmp_path / "seed0"
     (run_dir / "sft").mkdir(parents=True)
     with pytest.raises(ValueError, match="would delete"):
-        T.run_rft(None, _cfg(), world["sft"], world["reward"], world["splits"], run_dir)
+        T.run_rft(_cfg(), world["sft"], world["reward"], world["splits"], run_dir)
     assert (run_dir / "sft").is_dir()
 
 
@@ -332,16 +412,17 @@ def test_run_rft_on_two_ranks(world, tmp_path, backend):
     ZeRO-2 with a gloo collective size mismatch (ranks produced gradients for different
     parameters)."""
     from poserft.model.io import load_policy
+    from poserft.rl.trainer import run_rft
     from poserft.train.launch import launch_local
 
     out = tmp_path / "rft"
     cfg = _cfg(steps=2, engine={"checkpoint_every": 0, "log_every": 1, "backend": backend,
-                                "device": "cpu", "precision": "fp32"}).to_dict()
-    kwargs = dict(model_cfg=None, rft_cfg=cfg, sft_dir=str(world["sft"]),
+                                "device": "cpu", "precision": "fp32"})
+    kwargs = dict(rft_cfg=cfg, sft_dir=str(world["sft"]),
                   reward_model_dir=str(world["reward"]),
                   split_paths={k: str(v) for k, v in world["splits"].items()}, out_dir=str(out),
                   checkpoint_dir=str(tmp_path / "ckpt"))
-    summary = launch_local("rft", kwargs, 2)
-    assert summary["optimizer_steps"] == 2 * cfg["mu"]
+    summary = launch_local(run_rft, kwargs, 2)
+    assert summary["optimizer_steps"] == 2 * cfg.mu
     sft_sd, rft_sd = load_policy(world["sft"]).state_dict(), load_policy(out).state_dict()
     assert any(not torch.equal(sft_sd[k], rft_sd[k]) for k in sft_sd)

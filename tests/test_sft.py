@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from poserft.model.testing import make_test_split, make_test_tokenizer, tiny_model_config
+from poserft.train.config import SFTConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -105,7 +106,6 @@ def test_missing_task_data_is_dropped_or_rejected(tmp_path, caplog):
 
 def test_sft_config_invariants():
     from poserft.configbase import ConfigError
-    from poserft.train.config import SFTConfig
     with pytest.raises(ConfigError, match="sft.task_weights: unknown task"):
         SFTConfig.from_dict({"task_weights": {"pose2text": 1.0}}, where="sft")
     with pytest.raises(ConfigError, match="at least one > 0"):
@@ -121,10 +121,11 @@ def test_run_sft_outputs_and_learning(world, tmp_path):
     from poserft.model.io import load_policy
     from poserft.train.sft import run_sft
     rec = _Recorder()
-    summary = run_sft(tiny_model_config().to_dict(),
-                      {"steps": 40, "batch_size": 8, "eval_samples": 8, "max_new_tokens": 14,
-                       "optim": {"lr": 1e-2, "warmup_steps": 5},
-                       "engine": {"checkpoint_every": 20, "log_every": 1}},
+    summary = run_sft(tiny_model_config(),
+                      SFTConfig.from_dict(
+                          {"steps": 40, "batch_size": 8, "eval_samples": 8, "max_new_tokens": 14,
+                           "optim": {"lr": 1e-2, "warmup_steps": 5},
+                           "engine": {"checkpoint_every": 20, "log_every": 1}}, where="sft"),
                       {"train": world["train"], "val": world["val"]}, world["tokenizer"],
                       tmp_path / "out", tracker=rec)
     logged = [rec.metrics[s] for s in sorted(rec.metrics) if "train/loss" in rec.metrics[s]]
@@ -148,18 +149,23 @@ def test_run_sft_outputs_and_learning(world, tmp_path):
         ["step_00000020", "step_00000040"]
 
 
-def test_run_sft_resume_after_kill_matches_uninterrupted(world, tmp_path):
+def test_run_sft_resume_after_kill_matches_uninterrupted(world, tmp_path, caplog):
+    import logging
+
     from poserft.train.sft import run_sft
-    args = (tiny_model_config().to_dict(),
-            {"steps": 6, "batch_size": 4, "grad_accum": 2, "eval_samples": 0,
-             "engine": {"checkpoint_every": 2, "log_every": 1}},
+    args = (tiny_model_config(),
+            SFTConfig.from_dict({"steps": 6, "batch_size": 4, "grad_accum": 2, "eval_samples": 0,
+                                 "engine": {"checkpoint_every": 2, "log_every": 1}}, where="sft"),
             {"train": world["train"]}, world["tokenizer"])
     full = _Recorder()
     run_sft(*args, tmp_path / "full", tracker=full)
     with pytest.raises(KeyboardInterrupt):
         run_sft(*args, tmp_path / "run", tracker=_Recorder(kill_at=5))   # checkpoint at 4
     resumed = _Recorder()
-    run_sft(*args, tmp_path / "run", tracker=resumed)
+    with caplog.at_level(logging.INFO, logger="poserft.train.engine"):
+        run_sft(*args, tmp_path / "run", tracker=resumed)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records
+            if r.getMessage().startswith("resumed")] == ["resumed from step 4"]
     steps = sorted(s for s in resumed.metrics if "train/loss" in resumed.metrics[s])
     assert steps == [5, 6]
     for s in steps:
@@ -169,6 +175,8 @@ def test_run_sft_resume_after_kill_matches_uninterrupted(world, tmp_path):
 def test_run_sft_requires_tokenizer_for_tiny_model(world, tmp_path):
     from poserft.train.sft import run_sft
     with pytest.raises(ValueError, match="tokenizer_path is required"):
-        run_sft(tiny_model_config().to_dict(), {"steps": 1}, {"train": world["train"]}, None, tmp_path)
+        run_sft(tiny_model_config(), SFTConfig.from_dict({"steps": 1}, where="sft"),
+                {"train": world["train"]}, None, tmp_path)
     with pytest.raises(ValueError, match="'train' entry"):
-        run_sft(tiny_model_config().to_dict(), {"steps": 1}, {"val": world["val"]}, world["tokenizer"], tmp_path)
+        run_sft(tiny_model_config(), SFTConfig.from_dict({"steps": 1}, where="sft"),
+                {"val": world["val"]}, world["tokenizer"], tmp_path)

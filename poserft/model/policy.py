@@ -150,14 +150,14 @@ class PoseMLLM(nn.Module):
         self.num_image_tokens = self.fusion.num_tokens
         self._body = None  # skeleton/SMPL body model for the joint loss, built on first use
 
-    _DISPATCH = ("sft_loss", "score", "generate", "build_inputs", "image_features")
-
-    def forward(self, method: str, *args, **kwargs):
-        """Dispatch by name, so calls go through DDP/DeepSpeed wrappers:
-        ``wrapped("sft_loss", batch)``, ``wrapped("score", prompts, images, rollout)``."""
-        if method not in self._DISPATCH:
-            raise ValueError(f"PoseMLLM.forward: unknown method {method!r}; one of {self._DISPATCH}")
-        return getattr(self, method)(*args, **kwargs)
+    def forward(self, method, *args, **kwargs):
+        """Run ``method`` (a method of this class: ``PoseMLLM.sft_loss`` or
+        ``PoseMLLM.score``) through ``forward``, so that DDP/DeepSpeed wrappers see the call
+        (gradient sync hooks): ``wrapped(PoseMLLM.score, prompts, images, rollout)``."""
+        if method not in (PoseMLLM.sft_loss, PoseMLLM.score):
+            raise TypeError(f"PoseMLLM.forward: expected PoseMLLM.sft_loss or PoseMLLM.score, "
+                            f"got {method!r}")
+        return method(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -507,14 +507,13 @@ class PoseMLLM(nn.Module):
         return joint_distances(self.body_model(), pred, target, frame)
 
 
-def build_policy(config: ModelConfig | dict | None, tokenizer=None) -> PoseMLLM:
+def build_policy(config: ModelConfig | None, tokenizer=None) -> PoseMLLM:
     """A fresh policy from ``model`` config: pretrained LLaVA (``config.checkpoint``, its own
     tokenizer extended) or the tiny random model (needs the project ``tokenizer``)."""
     from poserft.model.backbone import build_tiny_backbone, load_pretrained_backbone
     from poserft.model.vision import build_pose_vit
 
-    if not isinstance(config, ModelConfig):
-        config = ModelConfig.from_dict(config, where="model")
+    config = ModelConfig.expect(config, "build_policy: config")
     if config.checkpoint:
         backbone, tokenizer = load_pretrained_backbone(config.checkpoint)
     else:

@@ -7,31 +7,60 @@ Paper-scale values (Pose-RFT: lr 1e-6, batch 16 prompts, 1k steps) go in configs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 from poserft.configbase import ConfigError, Section, option
+from poserft.model.config import DEFAULT_FORMAT_REGEX
 from poserft.train.config import SFT_TASKS, EngineConfig, OptimConfig
 
-__all__ = ["RFTConfig", "REWARD_KINDS", "TASKS", "DEFAULT_FORMAT_REGEX"]
+__all__ = ["RFTConfig", "RewardDecl", "REWARD_DECLS", "HELDOUT_REWARDS", "RFT_MODES",
+           "TOKEN_KL_ESTIMATOR_NAMES", "POSE_KL_ESTIMATOR_NAMES", "LOSS_AGG_MODE_NAMES",
+           "POSE_LOSS_AGG_MODE_NAMES", "ADVANTAGE_ESTIMATOR_NAMES", "TASKS", "DEFAULT_FORMAT_REGEX"]
 
-# Reward name -> the branch it can feed. Kept here (stdlib) so the config can be validated
-# at Snakefile parse time; poserft.rl.rewards.REWARDS must register exactly these names
-# (a test checks it).
-REWARD_KINDS = {"format": "discrete", "text": "discrete", "joint": "continuous",
-                "semantic": "continuous"}
 TASKS = SFT_TASKS  # text2pose, image2pose, image2text (VQA); shared with SFT
-DEFAULT_FORMAT_REGEX = r"\s*The\s+SMPL\s+pose\s+of\s+this\s+person\s+is\s*<POSE>\s*\.\s*"
+
+# Names the config selects from; poserft.rl.core registers one function under each (a test
+# checks the two agree). Kept here, stdlib-only, so the Snakefile validates them at parse time.
+RFT_MODES = ("hygrpo", "grpo", "continuous")
+TOKEN_KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")
+POSE_KL_ESTIMATOR_NAMES = ("analytic", "k3")
+LOSS_AGG_MODE_NAMES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum",
+                       "seq-mean-token-sum-norm")
+POSE_LOSS_AGG_MODE_NAMES = ("candidate-mean", "group-mean-candidate-mean")
+ADVANTAGE_ESTIMATOR_NAMES = ("grpo", "rloo")
+
+
+@dataclass(frozen=True)
+class RewardDecl:
+    """What a reward is, for the config and the trainer: its branch, the tasks it scores by
+    default, the frozen model it needs (a :class:`poserft.rl.rewards.RewardContext` field;
+    built only when the reward is active on a sampled task), and the task whose held-out
+    before/after measurement it is (``rft_summary.json``). Its function is registered under
+    the same name in :data:`poserft.rl.rewards.REWARDS`."""
+    branch: str                      # "discrete" (text level) | "continuous" (pose level)
+    tasks: tuple[str, ...]
+    needs: str | None = None         # body_model | semantic_model | text_embedder
+    heldout_task: str | None = None
+
+
+# Adding a reward: declare it here, register its function in poserft/rl/rewards.py.
+REWARD_DECLS: dict[str, RewardDecl] = {
+    "format": RewardDecl("discrete", ("image2pose", "text2pose")),
+    "text": RewardDecl("discrete", ("image2text",), needs="text_embedder"),
+    "joint": RewardDecl("continuous", ("image2pose",), needs="body_model", heldout_task="image2pose"),
+    "semantic": RewardDecl("continuous", ("text2pose",), needs="semantic_model",
+                           heldout_task="text2pose"),
+}
+# held-out measurement: pose task -> the reward it is judged by
+HELDOUT_REWARDS = {d.heldout_task: name for name, d in REWARD_DECLS.items() if d.heldout_task}
 
 
 @dataclass
 class RFTConfig(Section):
     """HyGRPO reinforcement fine-tuning from the SFT policy (pose MLLM)."""
 
-    mode: Literal["hygrpo", "grpo", "continuous"] = option(
+    mode: str = option(
         "hygrpo", "hygrpo: discrete token term + continuous Gaussian pose term (the method); "
         "grpo: discrete-only GRPO, the pose is the head's mean and gets no policy-gradient "
-        "term (ablation); continuous: only the pose term (debugging).",
-        choices=("hygrpo", "grpo", "continuous"))
+        "term (ablation); continuous: only the pose term (debugging).", choices=RFT_MODES)
     steps: int = option(100, "RL steps (each: rollout of batch_size prompts x group_size "
                         "candidates, then mu update iterations). Paper: 1000.", minimum=0)
     batch_size: int = option(4, "Prompts per RL step. Paper: 16.", minimum=1)
@@ -61,41 +90,40 @@ class RFTConfig(Section):
                                "(SFT) policy; 0 disables the reference forward.", minimum=0.0)
     beta_pose: float = option(0.01, "Coefficient of the pose KL (summed over the 144 dims) to "
                               "the reference policy.", minimum=0.0)
-    token_kl_estimator: Literal["k1", "k2", "k3"] = option(
+    token_kl_estimator: str = option(
         "k3", "Per-token KL estimator (Schulman): k1 = log ratio, k2 = squared/2, k3 = "
-        "unbiased and non-negative (GRPO).", choices=("k1", "k2", "k3"))
-    pose_kl_estimator: Literal["analytic", "k3"] = option(
+        "unbiased and non-negative (GRPO).", choices=TOKEN_KL_ESTIMATOR_NAMES)
+    pose_kl_estimator: str = option(
         "analytic", "Pose KL: closed form between the two Gaussians, or k3 on the sampled pose.",
-        choices=("analytic", "k3"))
-    loss_agg_mode: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum",
-                           "seq-mean-token-sum-norm"] = option(
+        choices=POSE_KL_ESTIMATOR_NAMES)
+    loss_agg_mode: str = option(
         "seq-mean-token-mean", "Token aggregation of the discrete term: per-sequence mean "
         "then mean over the G candidates (GRPO), all-token mean, per-sequence sum, or sum / "
-        "(N * T) (Dr. GRPO).", choices=("seq-mean-token-mean", "token-mean",
-                                         "seq-mean-token-sum", "seq-mean-token-sum-norm"))
-    pose_loss_agg_mode: Literal["candidate-mean", "group-mean-candidate-mean"] = option(
+        "(N * T) (Dr. GRPO).", choices=LOSS_AGG_MODE_NAMES)
+    pose_loss_agg_mode: str = option(
         "candidate-mean", "Aggregation of the continuous term over candidates: mean over the V "
         "valid candidates (those with a <POSE>) of the whole batch, or mean over the V_g valid "
         "candidates of each prompt group then over the prompt groups (eq. (6) of Pose-RFT read "
         "per prompt; a group with no valid candidate contributes 0).",
-        choices=("candidate-mean", "group-mean-candidate-mean"))
-    advantage_estimator: Literal["grpo", "rloo"] = option(
+        choices=POSE_LOSS_AGG_MODE_NAMES)
+    advantage_estimator: str = option(
         "grpo", "Group baseline: grpo (group mean) or rloo (leave-one-out mean).",
-        choices=("grpo", "rloo"))
+        choices=ADVANTAGE_ESTIMATOR_NAMES)
     norm_adv_by_std: bool = option(True, "Divide group-centred rewards by the group std "
                                    "(GRPO); false = Dr. GRPO centring only.")
     adv_eps: float = option(1e-6, "Added to the group std before dividing.", exclusive_minimum=0.0)
     reward_weights: dict[str, float] = option(
-        {"format": 1.0, "text": 1.0, "joint": 1.0, "semantic": 1.0},
-        "Weight of each reward in its branch's sum (known: format, text, joint, semantic). "
-        "A weight of 0 (or leaving a reward out) disables it.")
+        {name: 1.0 for name in REWARD_DECLS},
+        f"Weight of each reward in its branch's sum (known: {', '.join(REWARD_DECLS)}). "
+        "A weight of 0 (or leaving a reward out) disables it. Replaces the whole mapping.")
     discrete_rewards: list[str] = option(
-        ["format", "text"], "Rewards summed into the discrete reward R_d (text level).")
+        [n for n, d in REWARD_DECLS.items() if d.branch == "discrete"],
+        "Rewards summed into the discrete reward R_d (text level).")
     continuous_rewards: list[str] = option(
-        ["joint", "semantic"], "Rewards summed into the continuous reward R_c (pose level).")
+        [n for n, d in REWARD_DECLS.items() if d.branch == "continuous"],
+        "Rewards summed into the continuous reward R_c (pose level).")
     reward_tasks: dict[str, list[str]] = option(
-        {"format": ["image2pose", "text2pose"], "text": ["image2text"], "joint": ["image2pose"],
-         "semantic": ["text2pose"]},
+        {n: list(d.tasks) for n, d in REWARD_DECLS.items()},
         "Tasks each reward applies to (image2pose, text2pose, image2text); elsewhere it is "
         "undefined and left out of the sum.")
     grpo_pose_rewards_to_text: bool = option(
@@ -114,10 +142,10 @@ class RFTConfig(Section):
                                      "perfect pose gives a finite value.", exclusive_minimum=0.0)
     temperature: float = option(1.0, "Sampling temperature of the rollout.", exclusive_minimum=0.0)
     max_new_tokens: int = option(24, "Longest generated answer (tokens).", minimum=1)
-    task_mix: dict[str, float] = option(
+    task_weights: dict[str, float] = option(
         {"image2pose": 0.5, "text2pose": 0.5, "image2text": 0.0},
         "Sampling weight of each task when drawing RL prompts (normalised; tasks whose data "
-        "the split lacks are an error).")
+        "the split lacks are an error). Same idea as sft.task_weights.")
     eval_prompts: int = option(128, "Held-out (val) prompts per pose task for the before/after "
                                "reward measurement in rft_summary.json (0 = skip).", minimum=0)
     eval_samples: int = option(16, "Sampled candidates per held-out prompt in that measurement "
@@ -132,9 +160,10 @@ class RFTConfig(Section):
         "kept it (t +0.1) with the semantic reward up (t 7.6). min_lr_ratio 1 keeps the LR "
         "constant.")
     engine: EngineConfig = option(
-        EngineConfig(checkpoint_every=0, log_every=1),
+        EngineConfig(checkpoint_every=10, log_every=1),
         "Training engine (shared with SFT). Here checkpoint_every and log_every count RL "
-        "steps (0: checkpoint only at the end); seed seeds prompts and sampling.")
+        "steps (0: checkpoint only at the end); a killed rft job resumes from its newest "
+        "checkpoint. seed seeds prompts and sampling.")
 
     def check(self, where: str) -> None:
         n = self.batch_size * self.group_size
@@ -149,20 +178,20 @@ class RFTConfig(Section):
             raise ConfigError(f"{where}.dual_clip_c must be > 1 (got {self.dual_clip_c}); "
                               "use null to disable the dual clip")
         for key in ("reward_weights", "reward_tasks"):
-            unknown = sorted(set(getattr(self, key)) - set(REWARD_KINDS))
+            unknown = sorted(set(getattr(self, key)) - set(REWARD_DECLS))
             if unknown:
                 raise ConfigError(f"{where}.{key}: unknown reward {unknown[0]!r}; known: "
-                                  f"{sorted(REWARD_KINDS)}")
+                                  f"{sorted(REWARD_DECLS)}")
         for key, kind in (("discrete_rewards", "discrete"), ("continuous_rewards", "continuous")):
             for name in getattr(self, key):
-                if name not in REWARD_KINDS:
+                if name not in REWARD_DECLS:
                     raise ConfigError(f"{where}.{key}: unknown reward {name!r}; known: "
-                                      f"{sorted(REWARD_KINDS)}")
-                if REWARD_KINDS[name] != kind:
-                    level = "pose-level" if REWARD_KINDS[name] == "continuous" else "text-level"
-                    raise ConfigError(
-                        f"{where}.{key}: {name!r} is a {level} ({REWARD_KINDS[name]}) reward; "
-                        f"move it to {where}.{REWARD_KINDS[name]}_rewards")
+                                      f"{sorted(REWARD_DECLS)}")
+                branch = REWARD_DECLS[name].branch
+                if branch != kind:
+                    level = "pose-level" if branch == "continuous" else "text-level"
+                    raise ConfigError(f"{where}.{key}: {name!r} is a {level} ({branch}) reward; "
+                                      f"move it to {where}.{branch}_rewards")
                 if name not in self.reward_tasks:
                     raise ConfigError(f"{where}.reward_tasks: missing an entry for {name!r} "
                                       f"(listed in {where}.{key})")
@@ -175,19 +204,18 @@ class RFTConfig(Section):
                 if t not in TASKS:
                     raise ConfigError(f"{where}.reward_tasks.{name}: unknown task {t!r}; known: "
                                       f"{list(TASKS)}")
-        for t, w in self.task_mix.items():
+        for t, w in self.task_weights.items():
             if t not in TASKS:
-                raise ConfigError(f"{where}.task_mix: unknown task {t!r}; known: {list(TASKS)}")
+                raise ConfigError(f"{where}.task_weights: unknown task {t!r}; known: {list(TASKS)}")
             if w < 0:
-                raise ConfigError(f"{where}.task_mix.{t}: weight {w} must be >= 0")
-        if not any(w > 0 for w in self.task_mix.values()):
-            raise ConfigError(f"{where}.task_mix: at least one task needs a positive weight")
-        active = [n for n in self.discrete_rewards + self.continuous_rewards
-                  if self.reward_weights.get(n, 0.0) != 0.0]
-        for t, w in self.task_mix.items():
+                raise ConfigError(f"{where}.task_weights.{t}: weight {w} must be >= 0")
+        if not any(w > 0 for w in self.task_weights.values()):
+            raise ConfigError(f"{where}.task_weights: at least one task needs a positive weight")
+        active = self.active_rewards()
+        for t, w in self.task_weights.items():
             if w > 0 and not any(t in self.reward_tasks.get(n, []) for n in active):
                 raise ConfigError(
-                    f"{where}.task_mix.{t} > 0 but no active reward applies to {t} (see "
+                    f"{where}.task_weights.{t} > 0 but no active reward applies to {t} (see "
                     f"{where}.reward_tasks / reward_weights); its prompts would teach nothing")
         if self.mode == "continuous" and not any(
                 self.reward_weights.get(n, 0.0) for n in self.continuous_rewards):
@@ -198,3 +226,33 @@ class RFTConfig(Section):
             re.compile(self.format_regex)
         except re.error as exc:
             raise ConfigError(f"{where}.format_regex: not a valid regular expression ({exc})") from None
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def uses_tokens(self) -> bool:
+        """The discrete (token) term is optimised."""
+        return self.mode in ("hygrpo", "grpo")
+
+    @property
+    def uses_pose(self) -> bool:
+        """The continuous (Gaussian pose) term is optimised."""
+        return self.mode in ("hygrpo", "continuous")
+
+    @property
+    def sampled_tasks(self) -> dict[str, float]:
+        """Tasks RL draws prompts from, with their (positive) weights."""
+        return {t: w for t, w in self.task_weights.items() if w > 0}
+
+    def active_rewards(self) -> list[str]:
+        """Rewards in a branch with a nonzero weight, branch order."""
+        return [n for n in self.discrete_rewards + self.continuous_rewards
+                if self.reward_weights.get(n, 0.0) != 0.0]
+
+    def needed_models(self, heldout_tasks: tuple[str, ...] = ()) -> set[str]:
+        """The frozen models (:class:`RewardDecl` ``needs``) of the rewards that will run:
+        active on a sampled task, or judging a held-out task in ``heldout_tasks``."""
+        tasks = set(self.sampled_tasks)
+        out = {REWARD_DECLS[n].needs for n in self.active_rewards()
+               if tasks & set(self.reward_tasks.get(n, ()))}
+        out |= {REWARD_DECLS[HELDOUT_REWARDS[t]].needs for t in heldout_tasks if t in HELDOUT_REWARDS}
+        return {n for n in out if n}

@@ -27,11 +27,11 @@ from typing import Callable
 
 import torch
 
-from poserft.rl.config import RFTConfig
+from poserft.rl.config import RFT_MODES, RFTConfig
 
 __all__ = [
-    "Registry", "ADVANTAGE_ESTIMATORS", "LOSS_AGG_MODES", "POSE_LOSS_AGG_MODES", "POLICY_LOSSES",
-    "TOKEN_KL_ESTIMATORS", "POSE_KL_ESTIMATORS", "HYGRPO_MODES", "group_stats", "grpo_advantage",
+    "Registry", "ADVANTAGE_ESTIMATORS", "LOSS_AGG_MODES", "POSE_LOSS_AGG_MODES",
+    "TOKEN_KL_ESTIMATORS", "POSE_KL_ESTIMATORS", "group_stats", "grpo_advantage",
     "rloo_advantage", "aggregate_loss", "agg_units", "micro_batch_weights", "pose_agg_weights",
     "split_agg_weights", "ppo_clip_loss", "gaussian_ppo_clip_loss", "kl_k1", "kl_k2", "kl_k3",
     "diag_gaussian_kl", "pose_kl", "HyGRPOParams", "hygrpo_loss",
@@ -49,7 +49,9 @@ _KL_LOG_RATIO_LIMIT = 10.0
 
 
 class Registry(dict):
-    """Name -> callable map with a decorator and errors that list the known names."""
+    """Name -> callable map with a decorator and errors that list the known names. Only for
+    variants the ``rft`` config selects by name (the names are declared, stdlib-only, in
+    :mod:`poserft.rl.config`; a test checks each registry against its declaration)."""
 
     def __init__(self, what: str):
         super().__init__()
@@ -72,10 +74,8 @@ class Registry(dict):
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 LOSS_AGG_MODES = Registry("loss aggregation mode")
 POSE_LOSS_AGG_MODES = Registry("pose loss aggregation mode")
-POLICY_LOSSES = Registry("policy loss")
 TOKEN_KL_ESTIMATORS = Registry("token KL estimator")
 POSE_KL_ESTIMATORS = Registry("pose KL estimator")
-HYGRPO_MODES = ("hygrpo", "grpo", "continuous")
 
 
 def _stat_metrics(prefix: str, x: torch.Tensor) -> dict[str, float]:
@@ -197,11 +197,6 @@ def rloo_advantage(rewards: torch.Tensor, group_index: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- aggregation
-
-def _zero_like_graph(x: torch.Tensor) -> torch.Tensor:
-    """A scalar 0 that stays connected to ``x``'s graph (so backward() works when empty)."""
-    return (x * 0).sum()
-
 
 @LOSS_AGG_MODES.register("token-mean")
 def _agg_token_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -368,7 +363,6 @@ def _surrogate_metrics(pg_loss: torch.Tensor, ratio: torch.Tensor, log_ratio: to
     return metrics
 
 
-@POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, *, clip_eps: float = 0.2, clip_eps_high: float | None = None,
                   dual_clip_c: float | None = None, loss_agg_mode: str = "seq-mean-token-mean",
@@ -408,7 +402,6 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     return loss, _surrogate_metrics(pg_loss, ratio, log_ratio, clipped, dual, mask)
 
 
-@POLICY_LOSSES.register("gaussian_ppo_clip")
 def gaussian_ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                            mask: torch.Tensor, *, clip_eps: float = 0.2,
                            clip_eps_high: float | None = None, dual_clip_c: float | None = None,
@@ -491,17 +484,10 @@ def diag_gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Te
     return (torch.log(std_q / std_p) + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5).sum(-1)
 
 
-def _dist_kl(p, q) -> torch.Tensor:
-    """``p.kl(q)`` for the policy's pose distribution; torch.distributions as a fallback."""
-    if hasattr(p, "kl"):
-        return p.kl(q)
-    return torch.distributions.kl_divergence(p, q)
-
-
 @POSE_KL_ESTIMATORS.register("analytic")
 def _pose_kl_analytic(dist, ref_dist, sample: torch.Tensor) -> torch.Tensor:
     """Exact KL(pi_theta(.|s) || pi_ref(.|s)) per candidate ``(N,)``; ignores the sample."""
-    return _dist_kl(dist, ref_dist)
+    return dist.kl(ref_dist)
 
 
 @POSE_KL_ESTIMATORS.register("k3")
@@ -540,8 +526,11 @@ class HyGRPOParams:
     token_kl_estimator: str = _rft_default("token_kl_estimator")
     loss_agg_mode: str = _rft_default("loss_agg_mode")
     pose_loss_agg_mode: str = _rft_default("pose_loss_agg_mode")
-    token_policy_loss: str = "ppo_clip"
-    pose_policy_loss: str = "gaussian_ppo_clip"
+
+    @classmethod
+    def from_config(cls, cfg: RFTConfig) -> "HyGRPOParams":
+        """The loss hyperparameters of an ``rft`` section (every field shares its name)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def hygrpo_loss(*, params: HyGRPOParams,
@@ -580,8 +569,8 @@ def hygrpo_loss(*, params: HyGRPOParams,
 
     Returns the scalar loss and metrics prefixed ``token/``, ``pose/`` and ``loss/``.
     """
-    if params.mode not in HYGRPO_MODES:
-        raise ValueError(f"mode must be one of {HYGRPO_MODES}, got {params.mode!r}")
+    if params.mode not in RFT_MODES:
+        raise ValueError(f"mode must be one of {RFT_MODES}, got {params.mode!r}")
     metrics: dict[str, float] = {}
     total = None
     if params.mode in ("hygrpo", "grpo"):
@@ -595,7 +584,7 @@ def hygrpo_loss(*, params: HyGRPOParams,
                 raise ValueError("beta_token != 0 needs ref_token_logprobs")
             kl_tok = TOKEN_KL_ESTIMATORS.get(params.token_kl_estimator)(
                 token_logprobs, ref_token_logprobs.detach())
-        loss_d, m = POLICY_LOSSES.get(params.token_policy_loss)(
+        loss_d, m = ppo_clip_loss(
             token_logprobs, old_token_logprobs, token_advantages, completion_mask,
             clip_eps=params.clip_eps_token, clip_eps_high=params.clip_eps_token_high,
             dual_clip_c=params.dual_clip_c, loss_agg_mode=params.loss_agg_mode,
@@ -625,7 +614,7 @@ def hygrpo_loss(*, params: HyGRPOParams,
         if pose_agg_weights is None:
             pose_agg_weights = POSE_LOSS_AGG_MODES.get(params.pose_loss_agg_mode)(
                 valid, pose_group_index, pose_logprob.dtype)
-        loss_c, m = POLICY_LOSSES.get(params.pose_policy_loss)(
+        loss_c, m = gaussian_ppo_clip_loss(
             lp, old_lp, torch.where(valid, pose_advantages, zero), valid,
             clip_eps=params.clip_eps_pose, dual_clip_c=params.dual_clip_c,
             agg_weights=pose_agg_weights,

@@ -5,7 +5,8 @@ applies (N,) bool)``. ``applies`` is False where the reward is undefined: a task
 not score (``rft.reward_tasks``), or a pose reward on a candidate that emitted no
 ``<POSE>``. Values there are NaN and never enter a sum.
 
-Registered rewards (:data:`REWARDS`; branch in :data:`poserft.rl.config.REWARD_KINDS`):
+Registered rewards (:data:`REWARDS`; each declared, with its branch, default tasks and the
+frozen model it needs, in :data:`poserft.rl.config.REWARD_DECLS`):
 
 * ``format`` (discrete): 1 if the whole stripped answer matches ``rft.format_regex``, else 0.
 * ``text`` (discrete): cosine between the embeddings of the answer and the reference answer
@@ -29,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from poserft.rl.config import DEFAULT_FORMAT_REGEX, REWARD_KINDS
+from poserft.rl.config import DEFAULT_FORMAT_REGEX, REWARD_DECLS, RewardDecl
 from poserft.rl.core import Registry
 
 __all__ = ["RewardInputs", "RewardContext", "RewardSpec", "REWARDS", "RewardResult",
@@ -110,17 +111,25 @@ class RewardContext:
 
 @dataclass(frozen=True)
 class RewardSpec:
+    """A registered reward: its function and its declaration (branch, tasks, needs)."""
     fn: Callable[[RewardInputs, RewardContext], tuple[torch.Tensor, torch.Tensor]]
-    kind: str          # "discrete" | "continuous"
+    decl: RewardDecl
     needs_pose: bool
+
+    @property
+    def kind(self) -> str:
+        return self.decl.branch
 
 
 REWARDS = Registry("reward")
 
 
 def _register(name: str, needs_pose: bool):
+    if name not in REWARD_DECLS:
+        raise KeyError(f"reward {name!r} has no declaration in poserft.rl.config.REWARD_DECLS")
+
     def deco(fn):
-        REWARDS.register(name)(RewardSpec(fn=fn, kind=REWARD_KINDS[name], needs_pose=needs_pose))
+        REWARDS.register(name)(RewardSpec(fn=fn, decl=REWARD_DECLS[name], needs_pose=needs_pose))
         return fn
     return deco
 
@@ -160,13 +169,6 @@ def joint_reward_from_mpjpe_m(mpjpe_m: torch.Tensor, eps_m: float, cap: float) -
     return torch.clamp(1.0 / (mpjpe_m + eps_m), max=cap)
 
 
-def _joints(body_model, vec6d: torch.Tensor) -> torch.Tensor:
-    from poserft.body import vec6d_to_rotmats
-    param = next(iter(body_model.buffers()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    return body_model.forward_rotmats(vec6d_to_rotmats(vec6d.detach().to(dtype)))
-
-
 @_register("joint", needs_pose=True)
 def joint_reward(batch: RewardInputs, ctx: RewardContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse pelvis-aligned MPJPE (1/m) between the candidate pose and the GT pose."""
@@ -177,11 +179,11 @@ def joint_reward(batch: RewardInputs, ctx: RewardContext) -> tuple[torch.Tensor,
         if batch.gt_poses is None or batch.poses is None:
             raise ValueError("reward 'joint' needs RewardInputs.poses and gt_poses for "
                              f"{len(rows)} image2pose candidates")
-        from poserft.eval.metrics import mpjpe
+        from poserft.body.metrics import mpjpe
         body = ctx.need("body_model", "joint")
         with torch.no_grad():
-            pred = _joints(body, batch.poses[rows].cpu())
-            gt = _joints(body, batch.gt_poses[rows].cpu())
+            pred = body.forward_vec6d(batch.poses[rows].detach().cpu())
+            gt = body.forward_vec6d(batch.gt_poses[rows].cpu())
         err_m = mpjpe(pred, gt, root=0).to(torch.float64) / 1000.0  # mpjpe reports mm
         values[rows] = joint_reward_from_mpjpe_m(err_m, ctx.joint_eps_m, ctx.joint_cap).float()
     return values, applies

@@ -39,23 +39,23 @@ class PromptBatch:
 
 
 class PromptSampler:
-    """RL prompt batches of one split, tasks mixed by ``task_mix``.
+    """RL prompt batches of one split, tasks mixed by ``task_weights``.
 
     ``data`` is a :class:`poserft.train.data.SFTTaskData` of the split (it owns the prompt
     templates, images and GT poses). A task with positive weight but no data in the split is
     an error (RL on a silently smaller mix would change the experiment).
     """
 
-    def __init__(self, data, task_mix: dict[str, float], seed: int = 0):
+    def __init__(self, data, task_weights: dict[str, float], seed: int = 0):
         self.data, self.seed = data, int(seed)
-        missing = [t for t, w in task_mix.items() if w > 0 and data.task_sizes.get(t, 0) == 0]
+        missing = [t for t, w in task_weights.items() if w > 0 and data.task_sizes.get(t, 0) == 0]
         if missing:
-            raise ValueError(f"{data.path}: rft.task_mix gives weight to {missing} but the split "
+            raise ValueError(f"{data.path}: rft.task_weights gives weight to {missing} but the split "
                              f"has no data for them (sizes {data.task_sizes}); set their weight "
                              "to 0 or regenerate the split with that data")
-        self.tasks = [t for t, w in task_mix.items() if w > 0]
-        total = sum(task_mix[t] for t in self.tasks)
-        self.probs = np.array([task_mix[t] / total for t in self.tasks])
+        self.tasks = [t for t, w in task_weights.items() if w > 0]
+        total = sum(task_weights[t] for t in self.tasks)
+        self.probs = np.array([task_weights[t] / total for t in self.tasks])
 
     def items(self, step: int, batch_size: int) -> list[tuple[str, int]]:
         """(task, index within task) pairs for RL step ``step`` (deterministic)."""

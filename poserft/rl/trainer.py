@@ -12,13 +12,23 @@ writes::
                                  ``<out_dir>_checkpoints``; out_dir itself is replaced
                                  atomically by the export, so checkpoints live beside it)
 
+``run_rft`` is :func:`setup_rft` (policy, reference copy, prompts, reward models, engine,
+resume, held-out "before"), :func:`train_rft` (the RL loop, checkpoints) and
+:func:`finalise_rft` (held-out "after", export, summary).
+
 One RL step (:func:`rft_step`): B prompts -> G candidates each (one generate call; the
 prompt prefix is encoded once per prompt) -> rewards per candidate -> discrete advantages F
 over the G candidates of a prompt and continuous advantages Delta over its V candidates with
 a valid pose -> reference log-probs (frozen SFT copy) -> ``mu`` optimizer steps, each
-accumulating exact micro-batch shares of the HyGRPO loss. The "old" log-probs are those of
-the first update pass (same weights as the rollout, recomputed by the same teacher-forced
-forward, so the first ratios are exactly 1).
+accumulating exact micro-batch shares of the HyGRPO loss.
+
+The "old" log-probs (pi_old, the policy that sampled the rollout) are an explicit
+:class:`OldLogProbs` the update loop owns. The first of the ``mu`` passes runs on the
+rollout's own weights, so it is on-policy: its loss takes old = its own detached log-probs
+(ratios exactly 1) and records them; passes 2..mu read them. This needs no extra forward
+(TRL spends a separate pass on it). The rollout's sampling-time log-probs are the same
+quantities computed incrementally; their gap to the teacher-forced ones is logged
+(``rollout/*_logprob_gap``), the rollout-training mismatch that low precision widens.
 """
 
 from __future__ import annotations
@@ -34,38 +44,15 @@ import torch
 
 from poserft.atomic import write_json
 from poserft.rl import core
-from poserft.rl.config import RFTConfig
+from poserft.rl.config import HELDOUT_REWARDS, REWARD_DECLS, RFTConfig
 from poserft.rl.rewards import REWARDS, RewardContext, RewardResult, compute_rewards
 from poserft.rl.rollout import PromptBatch, PromptSampler, generate_group, reward_inputs
 
-__all__ = ["run_rft", "rft_step", "prepare_micro_batches", "make_loss_fn", "heldout_rewards",
-           "hygrpo_params", "build_reward_context", "MicroBatch", "paired_heldout_deltas"]
+__all__ = ["run_rft", "setup_rft", "train_rft", "finalise_rft", "RFTRun", "rft_step",
+           "prepare_micro_batches", "make_loss_fn", "OldLogProbs", "heldout_rewards",
+           "build_reward_context", "MicroBatch", "paired_heldout_deltas", "rft_task_data"]
 
 log = logging.getLogger(__name__)
-
-# held-out measurement: which reward each pose task is judged by
-HELDOUT_REWARDS = {"image2pose": "joint", "text2pose": "semantic"}
-
-
-def hygrpo_params(cfg: RFTConfig) -> core.HyGRPOParams:
-    return core.HyGRPOParams(
-        mode=cfg.mode, clip_eps_token=cfg.clip_eps_token, clip_eps_token_high=cfg.clip_eps_token_high,
-        clip_eps_pose=cfg.clip_eps_pose, dual_clip_c=cfg.dual_clip_c, beta_token=cfg.beta_token,
-        beta_pose=cfg.beta_pose, token_kl_estimator=cfg.token_kl_estimator,
-        loss_agg_mode=cfg.loss_agg_mode, pose_loss_agg_mode=cfg.pose_loss_agg_mode)
-
-
-def _uses_tokens(cfg: RFTConfig) -> bool:
-    return cfg.mode in ("hygrpo", "grpo")
-
-
-def _uses_pose(cfg: RFTConfig) -> bool:
-    return cfg.mode in ("hygrpo", "continuous")
-
-
-def _active_rewards(cfg: RFTConfig) -> set[str]:
-    return {n for n in cfg.discrete_rewards + cfg.continuous_rewards
-            if cfg.reward_weights.get(n, 0.0) != 0.0}
 
 
 # --------------------------------------------------------------------------- update data
@@ -74,6 +61,7 @@ def _active_rewards(cfg: RFTConfig) -> set[str]:
 class MicroBatch:
     """One slice of the rollout for gradient accumulation (m rows)."""
     rollout: object                       # Rollout.select(rows)
+    index: int                            # position among the step's micro-batches
     token_advantages: torch.Tensor        # (m,) F
     pose_advantages: torch.Tensor         # (m,) Delta (0 outside pose_valid)
     pose_valid: torch.Tensor              # (m,) bool: in the continuous branch's V set
@@ -82,8 +70,18 @@ class MicroBatch:
     pose_agg_weights: torch.Tensor | None = None     # (m,) continuous-term weights, sum 1 or 0
     ref_token_logprobs: torch.Tensor | None = None   # (m,Tc)
     ref_pose_dist: object | None = None              # reference PoseGaussian over m rows
-    old_token_logprobs: torch.Tensor | None = None   # (m,Tc), set by the first update pass
-    old_pose_logprob: torch.Tensor | None = None     # (m,)
+
+
+@dataclass
+class OldLogProbs:
+    """pi_old of one rollout, per micro-batch: token log-probs ``(m,Tc)`` and pose
+    log-densities ``(m,)``, detached. Recorded by the on-policy first update pass."""
+    token: list[torch.Tensor | None]
+    pose: list[torch.Tensor | None]
+
+    @classmethod
+    def empty(cls, n_micro: int) -> "OldLogProbs":
+        return cls([None] * n_micro, [None] * n_micro)
 
 
 def prepare_micro_batches(batch: PromptBatch, rollout, rewards: RewardResult, cfg: RFTConfig,
@@ -95,23 +93,23 @@ def prepare_micro_batches(batch: PromptBatch, rollout, rewards: RewardResult, cf
     estimator = core.ADVANTAGE_ESTIMATORS.get(cfg.advantage_estimator)
     f_adv, f_m = estimator(rewards.discrete, groups, None, norm_by_std=cfg.norm_adv_by_std,
                            eps=cfg.adv_eps)
-    valid = rewards.continuous_valid if _uses_pose(cfg) else torch.zeros_like(rewards.continuous_valid)
+    valid = rewards.continuous_valid if cfg.uses_pose else torch.zeros_like(rewards.continuous_valid)
     d_adv, d_m = estimator(rewards.continuous, groups, valid, norm_by_std=cfg.norm_adv_by_std,
                            eps=cfg.adv_eps)
     metrics = {f"adv_token/{k[4:]}": v for k, v in f_m.items()}
-    if _uses_pose(cfg):
+    if cfg.uses_pose:
         metrics.update({f"adv_pose/{k[4:]}": v for k, v in d_m.items()})
     mask_full = rollout.completion_mask.cpu()
-    need_ref_tok = _uses_tokens(cfg) and cfg.beta_token > 0
-    need_ref_pose = _uses_pose(cfg) and cfg.beta_pose > 0
+    need_ref_tok = cfg.uses_tokens and cfg.beta_token > 0
+    need_ref_pose = cfg.uses_pose and cfg.beta_pose > 0
     # full-batch weights of the continuous term, so each micro-batch carries its exact share
     pose_w = core.pose_agg_weights(valid, groups, cfg.pose_loss_agg_mode)
     out = []
-    for rows in torch.arange(len(rollout)).split(cfg.micro_batch_size):
+    for index, rows in enumerate(torch.arange(len(rollout)).split(cfg.micro_batch_size)):
         wt, _ = core.micro_batch_weights(mask_full[rows], mask_full, None, None, cfg.loss_agg_mode)
         pw, wp = core.split_agg_weights(pose_w[rows])
         sub = rollout.select(rows)
-        mb = MicroBatch(rollout=sub, token_advantages=f_adv[rows].to(dev),
+        mb = MicroBatch(rollout=sub, index=index, token_advantages=f_adv[rows].to(dev),
                         pose_advantages=d_adv[rows].to(dev), pose_valid=valid[rows].to(dev),
                         token_weight=wt, pose_weight=wp, pose_agg_weights=pw.to(dev))
         if reference is not None and (need_ref_tok or need_ref_pose):
@@ -135,40 +133,51 @@ def _dist_to(dist, device):
     return PoseGaussian(dist.mean.to(device), dist.std.to(device), f)
 
 
-def make_loss_fn(batch: PromptBatch, cfg: RFTConfig, n_micro: int):
+def make_loss_fn(batch: PromptBatch, cfg: RFTConfig, n_micro: int, old: OldLogProbs,
+                 on_policy: bool):
     """``loss_fn(model, micro_batch) -> (loss, metrics)`` for ``TrainEngine.train_step``.
 
-    The engine backpropagates ``loss / n_micro``; we return ``n_micro * (w_d L_d + w_c L_c)``
-    so the accumulated gradient is the full-batch HyGRPO gradient.
+    ``on_policy`` (the first update pass, weights still those of the rollout): pi_old is the
+    model's own detached log-probs, so every ratio is 1, and they are recorded into ``old``
+    for the later passes; otherwise they are read from ``old``. The engine backpropagates
+    ``loss / n_micro``; we return ``n_micro * (w_d L_d + w_c L_c)`` so the accumulated
+    gradient is the full-batch HyGRPO gradient.
     """
-    params = hygrpo_params(cfg)
+    from poserft.model.policy import PoseMLLM
+
+    params = core.HyGRPOParams.from_config(cfg)
 
     def loss_fn(model, mb: MicroBatch):
         r = mb.rollout
-        out = model("score", batch.prompts, batch.images, r, with_entropy=True)
-        first_pass = mb.old_token_logprobs is None and mb.old_pose_logprob is None
+        out = model(PoseMLLM.score, batch.prompts, batch.images, r, with_entropy=True)
         kwargs: dict = {}
         metrics: dict[str, float] = {}
         tok_mask = r.completion_mask > 0
-        if _uses_tokens(cfg):
-            if first_pass:
-                mb.old_token_logprobs = out.token_logprobs.detach()
-            kwargs.update(token_logprobs=out.token_logprobs, old_token_logprobs=mb.old_token_logprobs,
+        if cfg.uses_tokens:
+            if on_policy:
+                old.token[mb.index] = out.token_logprobs.detach()
+                if bool(tok_mask.any()):
+                    metrics["rollout/token_logprob_gap"] = (
+                        out.token_logprobs.detach() - r.token_logprobs)[tok_mask].abs().mean().item()
+            kwargs.update(token_logprobs=out.token_logprobs, old_token_logprobs=old.token[mb.index],
                           ref_token_logprobs=mb.ref_token_logprobs, completion_mask=tok_mask,
                           token_advantages=mb.token_advantages)
-        if _uses_pose(cfg):
+        if cfg.uses_pose:
             dist = out.pose_dist
             pose_lp = dist.log_prob(r.pose_sample)
-            if first_pass:
-                mb.old_pose_logprob = pose_lp.detach()
+            v = mb.pose_valid
+            if on_policy:
+                old.pose[mb.index] = pose_lp.detach()
+                if bool(v.any()):
+                    metrics["rollout/pose_logprob_gap"] = (
+                        pose_lp.detach() - r.pose_logprob)[v].abs().mean().item()
             pose_kl = None
             if mb.ref_pose_dist is not None:
                 pose_kl = core.pose_kl(cfg.pose_kl_estimator, dist, mb.ref_pose_dist, r.pose_sample)
-            kwargs.update(pose_logprob=pose_lp, old_pose_logprob=mb.old_pose_logprob,
-                          pose_kl_to_ref=pose_kl, pose_valid=mb.pose_valid,
+            kwargs.update(pose_logprob=pose_lp, old_pose_logprob=old.pose[mb.index],
+                          pose_kl_to_ref=pose_kl, pose_valid=v,
                           pose_advantages=mb.pose_advantages, pose_agg_weights=mb.pose_agg_weights,
                           pose_group_index=r.prompt_index)
-            v = mb.pose_valid
             if bool(v.any()):
                 metrics["pose/std"] = dist.std[v].mean().item()
                 metrics["pose/entropy"] = dist.entropy()[v].mean().item()
@@ -206,12 +215,13 @@ def rft_step(engine, sampler: PromptSampler, step: int, ctx: RewardContext, cfg:
                               pose_rewards_to_discrete=cfg.mode == "grpo" and cfg.grpo_pose_rewards_to_text)
     t_rew = time.perf_counter() - t0 - t_gen
     micro, adv_metrics = prepare_micro_batches(batch, rollout, rewards, cfg, reference, policy.device)
-    loss_fn = make_loss_fn(batch, cfg, len(micro))
+    old = OldLogProbs.empty(len(micro))
     update: dict[str, float] = {}
     for it in range(cfg.mu):
-        m = engine.train_step(micro, loss_fn)
+        # pass 0 runs on the rollout's weights: on-policy, it records pi_old for passes 1..
+        m = engine.train_step(micro, make_loss_fn(batch, cfg, len(micro), old, on_policy=it == 0))
         for k, v in m.items():
-            update[k] = update.get(k, 0.0) + v / cfg.mu
+            update[k] = update.get(k, 0.0) + v / (1 if k.startswith("rollout/") else cfg.mu)
     metrics = {**rewards.metrics("reward"), **adv_metrics, **update}
     lengths = rollout.completion_mask.sum(-1).float()
     metrics.update({"rollout/response_length": lengths.mean().item(),
@@ -249,14 +259,12 @@ def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, c
     out: dict[str, float] = {}
     if sampler is None or cfg.eval_prompts == 0:
         return out
-    from poserft.body import vec6d_to_rotmats
-    from poserft.eval.metrics import mpjpe
+    from poserft.body.metrics import mpjpe
     gen = torch.Generator(device=policy.device).manual_seed(cfg.engine.seed + 2 ** 20)
     for task, reward in HELDOUT_REWARDS.items():
         if sampler.data.task_sizes.get(task, 0) == 0:
             continue
-        needs = {"joint": "body_model", "semantic": "semantic_model"}[reward]
-        if getattr(ctx, needs) is None:
+        if getattr(ctx, REWARD_DECLS[reward].needs) is None:
             continue
         batch_all = sampler.first(task, cfg.eval_prompts)
         if batch_all is None:
@@ -277,8 +285,8 @@ def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, c
                 inp = reward_inputs(b, r, "mean")
                 ok = inp.pose_valid
                 body = ctx.body_model
-                jp = body.forward_rotmats(vec6d_to_rotmats(inp.poses[ok].float()))
-                jg = body.forward_rotmats(vec6d_to_rotmats(inp.gt_poses[ok].float()))
+                jp = body.forward_vec6d(inp.poses[ok])
+                jg = body.forward_vec6d(inp.gt_poses[ok])
                 sums["mpjpe"].append(torch.as_tensor(mpjpe(jp, jg, root=0)).float())
         valid = torch.cat(sums["valid"])
         out[f"{task}/pose_valid_rate"] = valid.mean().item()
@@ -344,30 +352,33 @@ def _slice_batch(batch: PromptBatch, sl: slice) -> PromptBatch:
 
 # --------------------------------------------------------------------------- entry point
 
-def build_reward_context(cfg: RFTConfig, reward_model_dir, body_cfg=None, text_embedder=None,
-                         need_semantic: bool = True, need_text: bool = True) -> RewardContext:
-    """Load the frozen reward models the configured rewards need."""
+def build_reward_context(cfg: RFTConfig, needs: set[str], reward_model_dir=None, body_cfg=None,
+                         text_embedder=None) -> RewardContext:
+    """The frozen models of ``needs`` (:meth:`RFTConfig.needed_models`): ``semantic_model``
+    (the retrieval model in ``reward_model_dir``), ``text_embedder`` (an object with
+    ``encode``, or the ``text_embedder`` section), ``body_model`` (``body_cfg``; None: the
+    skeleton model). Models not needed are not loaded."""
     import poserft.body as body
 
     semantic = None
-    if need_semantic:
+    if "semantic_model" in needs:
         if reward_model_dir is None:
             raise ValueError("rft: the semantic reward needs reward_model_dir (the frozen "
                              "retrieval model, results/retrieval/reward)")
         from poserft.retrieval.reward import SemanticReward
         semantic = SemanticReward(reward_model_dir)
     embedder = None
-    if need_text:
-        if text_embedder is None or isinstance(text_embedder, dict) or \
-                type(text_embedder).__name__ == "TextEmbedderConfig":
+    if "text_embedder" in needs:
+        from poserft.text.config import TextEmbedderConfig
+        if text_embedder is None or isinstance(text_embedder, TextEmbedderConfig):
             from poserft.text.embedder import build_text_embedder
             embedder = build_text_embedder(text_embedder)
         else:
             embedder = text_embedder
     return RewardContext(reward_tasks=cfg.reward_tasks, format_regex=cfg.format_regex,
                          joint_eps_m=cfg.joint_reward_eps_m, joint_cap=cfg.joint_reward_cap,
-                         body_model=body.load(body_cfg).eval(), semantic_model=semantic,
-                         text_embedder=embedder)
+                         body_model=body.load(body_cfg).eval() if "body_model" in needs else None,
+                         semantic_model=semantic, text_embedder=embedder)
 
 
 # what save_policy + run_rft put into out_dir; anything else means out_dir is not ours
@@ -413,29 +424,33 @@ def rft_task_data(path, model_cfg, task_weights: dict[str, float], seed: int):
     return SFTTaskData(path, model_cfg, task_weights, seed, text2pose_remove_yaw=True)
 
 
-def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_dir,
-            split_paths: dict, out_dir, tracker=None, text_embedder=None, body_cfg=None,
-            checkpoint_dir=None) -> dict:
-    """HyGRPO (or GRPO / continuous-only, by ``rft.mode``) from the SFT policy in ``sft_dir``.
+@dataclass
+class RFTRun:
+    """Everything the RL loop and the finalisation need (built by :func:`setup_rft`)."""
+    cfg: RFTConfig
+    engine: object                    # TrainEngine around the policy
+    reference: object | None          # frozen SFT copy (None without a KL term)
+    sampler: PromptSampler
+    val_sampler: PromptSampler | None
+    ctx: RewardContext
+    sft_dir: Path
+    out_dir: Path
+    checkpoint_dir: Path
+    tracker: object
+    before: dict                      # held-out rewards of the SFT start
+    before_per_prompt: dict
+    t_start: float
 
-    Args:
-        model_cfg: the variant's model section (the loaded policy's own config is
-            authoritative; a differing one is logged).
-        rft_cfg: :class:`RFTConfig` or its plain dict.
-        sft_dir: SFT run or policy directory (``load_policy`` resolves ``final/``).
-        reward_model_dir: frozen retrieval model for the semantic reward.
-        split_paths: ``{"train": h5, "val": h5}`` (val optional: held-out measurement).
-        out_dir: policy export + ``rft_summary.json`` (see module docstring).
-        text_embedder: object with ``encode``, or the ``text_embedder`` section (dict/
-            TextEmbedderConfig), for the text reward; built only when that reward is active.
-        body_cfg: ``body`` section for the joint reward (None: skeleton model).
-        checkpoint_dir: engine checkpoints (default ``<out_dir>_checkpoints``).
-    Returns the summary dict written to ``out_dir/rft_summary.json``.
-    """
+
+def setup_rft(cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_dir,
+              tracker=None, text_embedder=None, body_cfg=None, checkpoint_dir=None) -> RFTRun:
+    """Load the SFT policy and its frozen reference copy, the prompts, the reward models the
+    configured rewards need, the engine; resume from the newest matching checkpoint; measure
+    the held-out rewards of the SFT start (or take them from the checkpoint)."""
     from poserft.model.io import load_policy, resolve_policy_dir
     from poserft.train.engine import TrainEngine, run_fingerprint, seed_everything
 
-    cfg = rft_cfg if isinstance(rft_cfg, RFTConfig) else RFTConfig.from_dict(rft_cfg, where="rft")
+    cfg = RFTConfig.expect(cfg, "run_rft: rft_cfg")
     if "train" not in split_paths:
         raise ValueError(f"run_rft: split_paths needs a 'train' entry, got {sorted(split_paths)}")
     if tracker is None:
@@ -448,35 +463,27 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
     seed_everything(cfg.engine.seed)
 
     policy = load_policy(sft_dir)
-    if _uses_pose(cfg) and policy.config.head != "gaussian":
+    if cfg.uses_pose and policy.config.head != "gaussian":
         raise ValueError(f"rft.mode={cfg.mode} needs a stochastic pose (model.head=gaussian); the "
                          f"policy in {sft_dir} has head={policy.config.head!r}. Use rft.mode=grpo "
                          "for deterministic heads")
-    if model_cfg is not None:
-        given = model_cfg if isinstance(model_cfg, dict) else model_cfg.to_dict()
-        own = policy.config.to_dict()
-        diff = sorted(k for k in given if k != "checkpoint" and given.get(k) != own.get(k))
-        if diff:
-            log.warning("rft: model section differs from the SFT policy's own config in %s; "
-                        "using the policy's", diff)
     reference = None
-    if (_uses_tokens(cfg) and cfg.beta_token > 0) or (_uses_pose(cfg) and cfg.beta_pose > 0):
+    if (cfg.uses_tokens and cfg.beta_token > 0) or (cfg.uses_pose and cfg.beta_pose > 0):
         reference = copy.deepcopy(policy).to(cfg.reference_device).eval().requires_grad_(False)
 
-    active = _active_rewards(cfg)
-    mix = {t: w for t, w in cfg.task_mix.items() if w > 0}
-    data = rft_task_data(split_paths["train"], policy.config, mix, cfg.engine.seed)
-    sampler = PromptSampler(data, mix, cfg.engine.seed)
+    mix = cfg.sampled_tasks
+    sampler = PromptSampler(rft_task_data(split_paths["train"], policy.config, mix, cfg.engine.seed),
+                            mix, cfg.engine.seed)
     val_sampler = None
     if split_paths.get("val") and cfg.eval_prompts:
-        eval_tasks = {t: 1.0 for t in HELDOUT_REWARDS}
-        val_data = rft_task_data(split_paths["val"], policy.config, eval_tasks, cfg.engine.seed)
+        val_data = rft_task_data(split_paths["val"], policy.config,
+                                 {t: 1.0 for t in HELDOUT_REWARDS}, cfg.engine.seed)
         val_sampler = PromptSampler(val_data, {t: 1.0 for t in val_data.tasks}, cfg.engine.seed)
-    need_semantic = ("semantic" in active and mix.get("text2pose", 0) > 0) or (
-        val_sampler is not None and val_sampler.data.task_sizes.get("text2pose", 0) > 0
-        and reward_model_dir is not None)
-    need_text = "text" in active and mix.get("image2text", 0) > 0
-    ctx = build_reward_context(cfg, reward_model_dir, body_cfg, text_embedder, need_semantic, need_text)
+    heldout_tasks = () if val_sampler is None else tuple(
+        t for t in HELDOUT_REWARDS if val_sampler.data.task_sizes.get(t, 0) > 0
+        and (t != "text2pose" or reward_model_dir is not None))
+    ctx = build_reward_context(cfg, cfg.needed_models(heldout_tasks), reward_model_dir,
+                               body_cfg, text_embedder)
 
     fingerprint = run_fingerprint(
         _resume_relevant(cfg.to_dict()),
@@ -491,38 +498,56 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
         tracker.log_params({f"rft_{k}": v for k, v in cfg.to_dict().items()
                             if not isinstance(v, dict)})
     extra = engine.resume()
-    before = extra.get("before")
-    before_pp = extra.get("before_per_prompt") or {}
+    if engine.step % cfg.mu:
+        raise RuntimeError(f"{checkpoint_dir}: checkpoint at optimizer step {engine.step} is not a "
+                           f"multiple of rft.mu={cfg.mu}; it was written with another mu. Delete "
+                           "the checkpoints or restore mu")
+    before, before_pp = extra.get("before"), extra.get("before_per_prompt") or {}
     if before is None:
         before = heldout_rewards(policy, val_sampler, ctx, cfg, per_prompt=before_pp) \
             if engine.is_main else {}
         if engine.is_main and before:
             engine.log(before, prefix="heldout_before/")
-    first = engine.step // cfg.mu
-    if engine.step % cfg.mu:
-        raise RuntimeError(f"{checkpoint_dir}: checkpoint at optimizer step {engine.step} is not a "
-                           f"multiple of rft.mu={cfg.mu}; it was written with another mu. Delete "
-                           "the checkpoints or restore mu")
+    return RFTRun(cfg=cfg, engine=engine, reference=reference, sampler=sampler,
+                  val_sampler=val_sampler, ctx=ctx, sft_dir=Path(sft_dir), out_dir=out_dir,
+                  checkpoint_dir=checkpoint_dir, tracker=tracker, before=before,
+                  before_per_prompt=before_pp, t_start=t_start)
+
+
+def train_rft(run: RFTRun) -> dict[str, float]:
+    """RL steps from the engine's step to ``rft.steps``; a resumable checkpoint every
+    ``rft.engine.checkpoint_every`` RL steps and at the end. Returns the last step's metrics."""
     from tqdm.auto import tqdm
+
+    cfg, engine = run.cfg, run.engine
+    first = engine.step // cfg.mu
     last: dict[str, float] = {}
     for step in tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc="rft",
                      disable=not engine.is_main, dynamic_ncols=True):
-        last = rft_step(engine, sampler, step, ctx, cfg, reference)
+        last = rft_step(engine, run.sampler, step, run.ctx, cfg, run.reference)
         if engine.is_main and ((step + 1) % cfg.engine.log_every == 0 or step + 1 == cfg.steps):
             engine.log(last, prefix="rft/")
         every = cfg.engine.checkpoint_every
         if (every and (step + 1) % every == 0) or step + 1 == cfg.steps:
-            engine.save_checkpoint(extra={"before": before, "before_per_prompt": before_pp,
+            engine.save_checkpoint(extra={"before": run.before,
+                                          "before_per_prompt": run.before_per_prompt,
                                           "rl_step": step + 1})
+    return last
 
+
+def finalise_rft(run: RFTRun, last: dict[str, float]) -> dict:
+    """Held-out rewards after RL, paired with the SFT start; export the policy to out_dir;
+    write and return ``rft_summary.json``."""
+    cfg, engine = run.cfg, run.engine
     after_pp: dict = {}
-    after = heldout_rewards(policy, val_sampler, ctx, cfg, per_prompt=after_pp) \
+    after = heldout_rewards(engine.module, run.val_sampler, run.ctx, cfg, per_prompt=after_pp) \
         if engine.is_main else {}
-    paired = paired_heldout_deltas(before_pp, after_pp)
-    engine.export_policy(out_dir)
+    paired = paired_heldout_deltas(run.before_per_prompt, after_pp)
+    engine.export_policy(run.out_dir)
+    before = run.before
     summary: dict = {"mode": cfg.mode, "rl_steps": cfg.steps, "optimizer_steps": engine.step,
-                     "sft_dir": str(sft_dir), "policy_dir": str(out_dir),
-                     "checkpoint_dir": str(checkpoint_dir), "wall_s": time.time() - t_start,
+                     "sft_dir": str(run.sft_dir), "policy_dir": str(run.out_dir),
+                     "checkpoint_dir": str(run.checkpoint_dir), "wall_s": time.time() - run.t_start,
                      "heldout_before": before, "heldout_after": after,
                      "heldout_delta": {k: after[k] - before[k] for k in after
                                        if k in before and not k.endswith(("n_candidates", "_se"))},
@@ -532,6 +557,28 @@ def run_rft(model_cfg, rft_cfg: RFTConfig | dict | None, sft_dir, reward_model_d
         engine.log(after, prefix="heldout_after/")
         engine.log({f"{k}/{stat}": v for k, d in paired.items() for stat, v in d.items()
                     if stat in ("delta", "se", "t") and np.isfinite(v)}, prefix="heldout_paired/")
-        write_json(out_dir / "rft_summary.json", summary, allow_nan=True)
-        tracker.log_artifact(out_dir / "rft_summary.json")
+        write_json(run.out_dir / "rft_summary.json", summary, allow_nan=True)
+        run.tracker.log_artifact(run.out_dir / "rft_summary.json")
     return summary
+
+
+def run_rft(rft_cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_dir,
+            tracker=None, text_embedder=None, body_cfg=None, checkpoint_dir=None) -> dict:
+    """HyGRPO (or GRPO / continuous-only, by ``rft.mode``) from the SFT policy in ``sft_dir``.
+
+    Args:
+        rft_cfg: the ``rft`` section (:class:`RFTConfig`).
+        sft_dir: SFT run or policy directory (``load_policy`` resolves ``final/``); the
+            policy's own saved config is its model config.
+        reward_model_dir: frozen retrieval model for the semantic reward.
+        split_paths: ``{"train": h5, "val": h5}`` (val optional: held-out measurement).
+        out_dir: policy export + ``rft_summary.json`` (see module docstring).
+        text_embedder: object with ``encode``, or the ``text_embedder`` section
+            (TextEmbedderConfig), for the text reward; built only when that reward runs.
+        body_cfg: ``body`` section for the joint reward (None: skeleton model).
+        checkpoint_dir: engine checkpoints (default ``<out_dir>_checkpoints``).
+    Returns the summary dict written to ``out_dir/rft_summary.json``.
+    """
+    run = setup_rft(rft_cfg, sft_dir, reward_model_dir, split_paths, out_dir, tracker,
+                    text_embedder, body_cfg, checkpoint_dir)
+    return finalise_rft(run, train_rft(run))

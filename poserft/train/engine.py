@@ -10,7 +10,7 @@ Usage (the SFT and RFT loops look like this)::
     engine.export_policy()                            # out_dir/final (save_policy)
 
 ``loss_fn(model, micro_batch) -> (loss, metrics)`` must call the policy THROUGH ``model``
-(``model("sft_loss", batch)``, ``model("score", prompts, images, rollout)``): ``model`` is
+(``model(PoseMLLM.sft_loss, batch)``, ``model(PoseMLLM.score, prompts, images, rollout)``): ``model`` is
 the DDP / DeepSpeed wrapper when there is one, and only calls through it synchronise
 gradients (DDP) and gather ZeRO-3 partitions correctly.
 
@@ -423,6 +423,8 @@ class TrainEngine:
         rng["python"] = _python_rng_from_lists(rng["python"])
         restore_rng_state(rng)
         self.step = int(meta["step"])
+        if self.is_main:
+            log.info("resumed from step %d (%s)", self.step, ckpt)
         return meta.get("extra", {})
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -24,7 +24,7 @@ from poserft.atomic import write_json
 from poserft.model.config import ModelConfig
 from poserft.train.config import SFTConfig
 
-__all__ = ["run_sft", "quick_eval", "mpjpe_mm", "fk_joints"]
+__all__ = ["run_sft", "quick_eval", "mpjpe_mm"]
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,10 @@ def _tracker_or_null(tracker):
     return NullTracker()
 
 
-def fk_joints(body, vec6d: torch.Tensor) -> torch.Tensor:
-    """(B,144) 6D poses -> (B,24,3) joints (metres) through the body model's FK."""
-    from poserft.body import vec6d_to_rotmats
-    return body.forward_rotmats(vec6d_to_rotmats(vec6d.float()))
-
-
 def mpjpe_mm(body, pred6d: torch.Tensor, gt6d: torch.Tensor) -> torch.Tensor:
     """(B,) root-aligned MPJPE (mm, 24 SMPL joints) between two (B,144) 6D poses."""
-    from poserft.eval.metrics import mpjpe
-    return mpjpe(fk_joints(body, pred6d), fk_joints(body, gt6d), root=0)
+    from poserft.body.metrics import mpjpe
+    return mpjpe(body.forward_vec6d(pred6d), body.forward_vec6d(gt6d), root=0)
 
 
 @torch.no_grad()
@@ -61,7 +55,7 @@ def quick_eval(policy, data, mean_pose6d: dict[str, torch.Tensor], n: int,
     6D pose of THAT task, ``mean_pose6d[task]``, predicted for every row);
     ``image2text/exact_match``.
     """
-    from poserft.eval.metrics import mpjpe, pa_mpjpe
+    from poserft.body.metrics import mpjpe, pa_mpjpe
     policy.eval()
     body = policy.body_model().to("cpu")
     out: dict[str, float] = {}
@@ -87,17 +81,17 @@ def quick_eval(policy, data, mean_pose6d: dict[str, torch.Tensor], n: int,
         out[f"{task}/pose_valid_rate"] = float(valid.float().mean())
         out[f"{task}/n"] = float(m)
         if valid.any():
-            gt = fk_joints(body, data.collate(exs)["poses"][valid])
+            gt = body.forward_vec6d(data.collate(exs)["poses"][valid])
             guesses = {"": pred[valid],
                        "mean_pose_": mean_pose6d[task].cpu().expand(int(valid.sum()), -1)}
             for prefix, vec in guesses.items():
-                joints = fk_joints(body, vec)
+                joints = body.forward_vec6d(vec)
                 out[f"{task}/{prefix}mpjpe_mm"] = float(mpjpe(joints, gt, root=0).mean())
                 out[f"{task}/{prefix}pa_mpjpe_mm"] = float(pa_mpjpe(joints, gt).mean())
     return out
 
 
-def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | None,
+def run_sft(model_cfg: ModelConfig | None, sft_cfg: SFTConfig | None,
             split_paths: dict[str, str], tokenizer_path: str | os.PathLike | None,
             out_dir: str | os.PathLike, tracker=None) -> dict:
     """Train the policy with SFT; returns the summary written to ``out_dir/metrics.json``.
@@ -107,15 +101,13 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
     ``model.checkpoint`` is set: the checkpoint's tokenizer is extended instead).
     """
     from poserft.model.heads import GaussianPoseHead
-    from poserft.model.policy import build_policy
+    from poserft.model.policy import PoseMLLM, build_policy
     from poserft.train.data import SFTTaskData
     from poserft.train.engine import (RESUME_NEUTRAL_ENGINE_KEYS, TrainEngine, run_fingerprint,
                                       seed_everything)
 
-    if not isinstance(model_cfg, ModelConfig):
-        model_cfg = ModelConfig.from_dict(model_cfg, where="model")
-    if not isinstance(sft_cfg, SFTConfig):
-        sft_cfg = SFTConfig.from_dict(sft_cfg, where="sft")
+    model_cfg = ModelConfig.expect(model_cfg, "run_sft: model_cfg")
+    sft_cfg = SFTConfig.expect(sft_cfg, "run_sft: sft_cfg")
     if "train" not in split_paths:
         raise ValueError(f"run_sft: split_paths needs a 'train' entry, got {sorted(split_paths)}")
     tracker = _tracker_or_null(tracker)
@@ -162,7 +154,7 @@ def run_sft(model_cfg: ModelConfig | dict | None, sft_cfg: SFTConfig | dict | No
 
     def loss_fn(model, mb):
         batch = policy.sft_batch(mb["prompts"], mb["answers"], mb["images"], mb["poses"], mb["has_pose"])
-        return model("sft_loss", batch, **weights)
+        return model(PoseMLLM.sft_loss, batch, **weights)
 
     last: dict = {}
     for step in engine.steps():
