@@ -2,23 +2,24 @@
 #   snakemake --cores 2 all                 # the embedded default (tiny synthetic world, CPU)
 #   snakemake --profile slurm all           # on a SLURM cluster (see slurm/config.yaml)
 #   snakemake --cores 2 all --configfile configs/seeds.yaml   # 3 seeds per variant
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.19")
 
 configfile: "config.yaml"
 
 
-# Types, unknown keys and defaults first (the schema is generated from poserft's config
-# dataclasses), then the cross-field invariants; either stops the workflow before any job.
-validate(config, "schemas/config.schema.yaml")
-
-from poserft.config import ConfigError, load_config, variant_section
+# The one parse: typed sections from the YAML (types, unknown keys, ranges, cross-field
+# invariants). A bad key stops the workflow before any job, with one line naming it. Every
+# rule takes its params from CFG in canonical form (schemas/config.schema.yaml is generated
+# from the same dataclasses, for editors and docs).
+from poserft.config import ConfigError, load_config
 
 try:
-    load_config(config)
+    CFG = load_config(config)
 except ConfigError as exc:
-    raise WorkflowError(f"config error: {exc}") from None
+    _files = ", ".join(map(str, workflow.configfiles)) or "the config"
+    raise WorkflowError(f"config error in {_files}: {exc}") from None
 
 
 include: "rules/common.smk"

@@ -5,16 +5,16 @@ aggregated here. ``schemas/config.schema.yaml`` is generated from these dataclas
 
     python -m poserft.config --write-schema schemas/config.schema.yaml
 
-and a test checks that the committed schema is current. The Snakefile validates the YAML
-against that schema (types, unknown keys, defaults) and then calls :func:`load_config`,
-which checks the cross-field invariants, so a bad config stops the workflow before any job.
+and a test checks that the committed schema is current; it serves editors and the docs. The
+one validator is :func:`load_config`: the Snakefile calls it once at parse time (types,
+unknown keys, ranges, cross-field invariants), so a bad config stops the workflow before any
+job with one line naming the key, and every rule takes its params from that one object.
 
 Stdlib-only at import time (the Snakefile imports it while parsing).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib
 import json
@@ -22,11 +22,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from poserft.configbase import ConfigError, Section, json_schema, option
+from poserft.configbase import ConfigError, Section, json_schema, option, unknown_key_message
 
 __all__ = ["ConfigError", "SECTIONS", "TrackingConfig", "ReportConfig", "VariantConfig",
            "WorkflowConfig", "load_config", "section_class", "variant_section",
-           "config_hash", "deep_merge"]
+           "config_hash"]
 
 
 @dataclass
@@ -68,6 +68,9 @@ class VariantConfig(Section):
     rft: dict[str, Any] | None = option(
         None, "Overrides of the base `rft` section; null means this variant has no RFT stage "
               "(evaluated straight after SFT).")
+    ablations: list[str] = option(
+        [], "Titles of the ablations (Table 3 blocks) this variant is a row of; the ablation "
+            "table has one block per title, its rows the variants listing it, in config order.")
 
 
 # section name -> "module:Class". Each module is stdlib-only.
@@ -95,76 +98,104 @@ def section_class(name: str) -> type[Section]:
 
 @dataclass
 class WorkflowConfig:
-    """All sections, typed. ``sections[name]`` is the section object."""
+    """The whole config, parsed once: typed sections, variants and seeds.
+
+    Rules take their ``params:`` from :meth:`params` / :meth:`variant_params`: canonical
+    plain dicts (every key, defaults filled, in field order), so that reordering keys or
+    writing a default out explicitly changes no rule's params and reruns nothing.
+    """
 
     sections: dict[str, Section]
     variants: dict[str, VariantConfig]
     seeds: list[int]
 
+    def __getitem__(self, name: str) -> Section:
+        return self.sections[name]
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """Recursively merge ``override`` into a copy of ``base`` (dicts merge, the rest replaces)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    def params(self, name: str) -> dict:
+        """Canonical plain dict of top-level section ``name``."""
+        return self.sections[name].to_dict()
+
+    def variant_section(self, variant: str, section: str, seed: int | None = None) -> Section:
+        """Typed ``section`` ('model', 'sft' or 'rft') of ``variant``: the variant's override
+        merged key by key into the base section (as a partial section merges into its
+        defaults), then the run's ``seed``: ``model.seed`` (initialisation) or
+        ``sft.engine.seed`` / ``rft.engine.seed`` (data order, sampling)."""
+        return variant_section(self.sections[section], self.variants, variant, section, seed)
+
+    def variant_params(self, variant: str, section: str, seed: int | None = None) -> dict:
+        """Canonical plain dict of :meth:`variant_section`."""
+        return self.variant_section(variant, section, seed).to_dict()
+
+    def sft_owner(self, variant: str) -> str:
+        """The variant whose SFT checkpoint ``variant`` uses (itself unless ``sft_from``)."""
+        return self.variants[variant].sft_from or variant
+
+    def has_rft(self, variant: str) -> bool:
+        return self.variants[variant].rft is not None
 
 
-def variant_section(config: dict, variant: str, section: str, seed: int | None = None) -> dict:
-    """The plain-dict ``section`` ('model', 'sft' or 'rft') for ``variant``: base + overrides.
 
-    ``seed`` (when given) replaces the seed of the run: ``model.seed`` (initialisation) or
-    ``sft.engine.seed`` / ``rft.engine.seed`` (data order, sampling). The result is what a rule passes
-    as ``params:``, so editing a variant's override reruns exactly that variant's jobs.
-    """
-    if variant not in config.get("variants", {}):
-        raise ConfigError(f"variants.{variant}: no such variant; defined: {sorted(config.get('variants', {}))}")
-    v = config["variants"][variant] or {}
-    if section == "rft" and v.get("rft") is None:
+def variant_section(base: Section, variants: dict[str, VariantConfig], variant: str,
+                    section: str, seed: int | None = None) -> Section:
+    """``base`` (the typed top-level ``section``) with ``variants[variant]``'s override of it
+    and ``seed``; see :meth:`WorkflowConfig.variant_section`."""
+    if variant not in variants:
+        raise ConfigError(f"variants.{variant}: no such variant; defined: {sorted(variants)}")
+    override = getattr(variants[variant], section)
+    if section == "rft" and override is None:
         raise ConfigError(f"variants.{variant}.rft is null: this variant has no RFT stage")
-    merged = deep_merge(config.get(section, {}) or {}, v.get(section) or {})
+    override = dict(override or {})
     if seed is not None:
         if section == "model":          # initialisation of the tiny model
-            merged["seed"] = int(seed)
+            override["seed"] = int(seed)
         else:                           # data order, dropout, sampling
-            merged["engine"] = {**(merged.get("engine") or {}), "seed": int(seed)}
-    return merged
+            override["engine"] = {**(override.get("engine") or {}), "seed": int(seed)}
+    return type(base).from_dict(override, where=f"variants.{variant}.{section}", base=base)
 
 
 def load_config(config: dict) -> WorkflowConfig:
-    """Build every typed section from the (schema-validated) YAML dict and check invariants.
+    """The one validator: build every typed section from the YAML dict (types, unknown keys,
+    ranges, defaults) and check the cross-field invariants.
 
     Raises :class:`ConfigError` naming the key, e.g. ``rft.batch_size``.
     """
+    if not isinstance(config, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(config).__name__}")
     known = set(SECTIONS) | {"variants", "seeds"}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown top-level key; known: {sorted(known)}")
-    sections = {name: section_class(name).from_dict(config.get(name) or {}, where=name)
-                for name in SECTIONS}
+        raise ConfigError(unknown_key_message(unknown[0], known, "config").replace("config.", "", 1))
+    sections = {}
+    for name in SECTIONS:
+        value = config.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys (or nothing), got {value!r}")
+        sections[name] = section_class(name).from_dict(value or {}, where=name)
     seeds = config.get("seeds", [0])
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if not isinstance(seeds, list) or not seeds or \
+            not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
+    raw_variants = config.get("variants")
+    if raw_variants is not None and not isinstance(raw_variants, dict):
+        raise ConfigError(f"variants: expected a mapping of variant names, got {raw_variants!r}")
     variants = {}
-    for name, raw in (config.get("variants") or {}).items():
+    for name, raw in (raw_variants or {}).items():
         v = VariantConfig.from_dict(raw or {}, where=f"variants.{name}")
         if v.sft_from is not None:
-            if v.sft_from not in config["variants"]:
+            if v.sft_from not in raw_variants:
                 raise ConfigError(f"variants.{name}.sft_from: unknown variant {v.sft_from!r}")
-            if (config["variants"][v.sft_from] or {}).get("sft_from"):
+            if (raw_variants[v.sft_from] or {}).get("sft_from"):
                 raise ConfigError(f"variants.{name}.sft_from: {v.sft_from!r} itself reuses another "
                                   "variant's SFT; point at the variant that trains it")
             if v.model or v.sft:
                 raise ConfigError(f"variants.{name}: a variant with sft_from cannot override "
                                   "model/sft (it reuses that variant's SFT checkpoint); "
                                   "override them in the variant named by sft_from instead")
-        # every override must still form a valid section
-        for sec in ("model", "sft") + (("rft",) if v.rft is not None else ()):
-            section_class(sec).from_dict(variant_section(config, name, sec), where=f"variants.{name}.{sec}")
         variants[name] = v
+    for name, v in variants.items():   # every override must still form a valid section
+        for sec in ("model", "sft") + (("rft",) if v.rft is not None else ()):
+            variant_section(sections[sec], variants, name, sec)
     if not variants:
         raise ConfigError("variants: define at least one variant (see config.yaml)")
     return WorkflowConfig(sections=sections, variants=variants, seeds=list(seeds))
@@ -206,14 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", metavar="CONFIG", help="validate a config file and its invariants")
     args = p.parse_args(argv)
     if args.write_schema:
-        import os
-        import tempfile
-        text = schema_yaml()
-        d = os.path.dirname(os.path.abspath(args.write_schema))
-        os.makedirs(d, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as fh:
-            fh.write(text)
-        os.replace(fh.name, args.write_schema)
+        from poserft.atomic import write_text   # atomic, honours the umask
+        write_text(args.write_schema, schema_yaml())
     if args.check:
         import yaml
         with open(args.check) as fh:

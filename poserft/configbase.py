@@ -3,9 +3,13 @@
 A section is a dataclass whose fields are declared with :func:`option` (a default and a
 help text, optionally ``choices``/``minimum``/``maximum``). From these declarations we get
 
-* ``Section.from_dict(d, where="rft")``: build from the plain dict a rule passes as
-  ``params:``; unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
+* ``Section.from_dict(d, where="rft")``: build from a (partial) plain dict. Keys left out
+  take their defaults; a partial nested section (``rft: {optim: {lr: 2e-6}}``) merges key
+  by key into that field's default section, so its other keys keep the section's own
+  defaults. Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
   naming the full key (``rft.group_size``) and the fix;
+* ``section.to_dict()``: the canonical plain dict (every key, defaults filled, in field
+  order), which rules pass as ``params:`` so that only a changed value reruns a stage;
 * ``Section.check()``: cross-field invariants, overridden per section;
 * ``json_schema(cls)``: the JSON schema fragment (types, defaults, descriptions) that
   ``schemas/config.schema.yaml`` is generated from, so the schema and the code cannot drift.
@@ -15,13 +19,15 @@ This module is stdlib-only on purpose: the Snakefile imports it at parse time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-__all__ = ["ConfigError", "Section", "option", "json_schema"]
+__all__ = ["ConfigError", "Section", "option", "json_schema", "unknown_key_message"]
 
 
 class ConfigError(ValueError):
@@ -40,12 +46,18 @@ def option(default: Any = MISSING, help: str = "", *, choices: tuple | None = No
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
             "exclusive_minimum": exclusive_minimum}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        import copy
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 S = TypeVar("S", bound="Section")
+
+
+def unknown_key_message(key: str, known, where: str) -> str:
+    """``rft.optim.lrr: unknown key (did you mean 'lr'?); keys of rft.optim: ...``"""
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{where}.{key}: unknown key{hint}; keys of {where}: {', '.join(sorted(map(str, known)))}"
 
 
 def _type_name(tp: Any) -> str:
@@ -115,23 +127,32 @@ class Section:
     """Base class of config sections. Subclasses are ``@dataclass`` with :func:`option` fields."""
 
     @classmethod
-    def from_dict(cls: type[S], data: dict | None, where: str = "") -> S:
+    def from_dict(cls: type[S], data: dict | None, where: str = "", base: S | None = None) -> S:
+        """Build from a (partial) plain dict: keys left out keep ``base``'s values (default:
+        the field defaults). A nested section given as a partial mapping merges key by key
+        into the base's (or default's) nested section, at any depth; any other value,
+        including a mapping of free keys (``dict[str, float]``), replaces it whole."""
         data = dict(data or {})
         hints = typing.get_type_hints(cls)
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            key = f"{where}.{unknown[0]}" if where else unknown[0]
-            raise ConfigError(
-                f"{key}: unknown key. Known keys of '{where or cls.__name__}': {sorted(known)}")
+            raise ConfigError(unknown_key_message(unknown[0], known, where or cls.__name__))
         kwargs = {}
         for name, f in known.items():
             key = f"{where}.{name}" if where else name
             if name not in data:
-                if f.default is MISSING and f.default_factory is MISSING:
+                if base is not None:
+                    kwargs[name] = copy.deepcopy(getattr(base, name))
+                elif f.default is MISSING and f.default_factory is MISSING:
                     raise ConfigError(f"{key}: required key is missing ({f.metadata.get('help', '')})")
                 continue
-            value = _coerce(data[name], hints[name], key)
+            value = data[name]
+            inner = getattr(base, name) if base is not None else (
+                f.default_factory() if f.default_factory is not MISSING else None)
+            if isinstance(value, dict) and isinstance(inner, Section):
+                value = type(inner).from_dict(value, where=key, base=inner)   # partial: merge
+            value = _coerce(value, hints[name], key)
             meta = f.metadata
             if meta.get("choices") and value not in meta["choices"]:
                 raise ConfigError(f"{key}: {value!r} is not one of {list(meta['choices'])}")
@@ -144,6 +165,19 @@ class Section:
         obj = cls(**kwargs)
         obj.check(where or cls.__name__)
         return obj
+
+    @classmethod
+    def expect(cls: type[S], value: S | None, what: str) -> S:
+        """``value`` if it is this section (None: the defaults). Libraries take typed
+        sections and never parse plain dicts: the Snakefile parses the config once, and a
+        job's params arrive typed (``poserft.workflow.job``)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        raise TypeError(f"{what}: expected a {cls.__name__}, got {type(value).__name__}; build "
+                        f"it with {cls.__name__}.from_dict(d) (the config is parsed once, by "
+                        "poserft.config.load_config)")
 
     def check(self, where: str) -> None:
         """Cross-field invariants; raise :class:`ConfigError` naming the keys. Override."""

@@ -10,6 +10,10 @@ A workflow script is a thin adapter::
 one MLflow run tagged with rule, wildcards, variant, git commit and config hash, logs the
 rule's ``params`` flattened, and marks the run FAILED if the job raises (Snakemake then
 deletes the job's outputs, so nothing half-written is taken as done).
+
+A param named after a config section (``params: rft=CFG.variant_params(...)``) arrives as
+that section's typed object (:data:`poserft.config.SECTIONS`): the rule passed its
+canonical dict, and the library functions take typed sections.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from poserft.config import config_hash
+from poserft.config import SECTIONS, config_hash, section_class
 from poserft.tracking import NullTracker, Tracker, git_commit, rank_zero
 
-__all__ = ["job", "plain"]
+__all__ = ["job", "plain", "typed_params"]
 
 
 def plain(obj: Any) -> Any:
@@ -34,6 +38,12 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     return obj
+
+
+def typed_params(params: dict) -> dict:
+    """Params named after a config section -> that section's typed object; others as given."""
+    return {k: section_class(k).from_dict(v, where=k) if k in SECTIONS and isinstance(v, dict)
+            else v for k, v in params.items()}
 
 
 @contextlib.contextmanager
@@ -73,7 +83,7 @@ def limit_threads(threads: int) -> None:
 
 @contextlib.contextmanager
 def job(snakemake: Any, results_dir: str = "results") -> Iterator[tuple[dict, Any]]:
-    """Context for one Snakemake job: ``(params as plain dict, tracker)``."""
+    """Context for one Snakemake job: ``(params, tracker)``; sections typed (:func:`typed_params`)."""
     limit_threads(getattr(snakemake, "threads", 1) or 1)
     params = {k: plain(v) for k, v in snakemake.params.items()}
     wildcards = {k: str(v) for k, v in snakemake.wildcards.items()}
@@ -94,4 +104,4 @@ def job(snakemake: Any, results_dir: str = "results") -> Iterator[tuple[dict, An
                               results_dir=results_dir, tags=tags, params=params)
         print(f"[poserft] {run_name}: params hash {config_hash(params)}", file=sys.stderr)
         with tracker:
-            yield params, tracker
+            yield typed_params(params), tracker

@@ -1,14 +1,14 @@
 # Shared paths and helpers. Every rule gets only its own config section(s) as plain-dict
-# params, so editing a section reruns that stage and what follows, nothing upstream.
+# params, so editing a section reruns that stage and what follows, nothing upstream. The
+# params come from CFG (the Snakefile's one parse) in canonical form: every key, defaults
+# filled, fixed order; key order or a default written out changes nothing.
 
 SPLITS = ["train", "val", "test"]
 RESULTS = "results"
 RUNS = f"{RESULTS}/runs"
-VARIANTS = list(config["variants"])
-SEEDS = [int(s) for s in config.get("seeds", [0])]
-REAL_DATASETS = list(config["datasets"].get("enabled", []))
-
-from poserft.data.converters.config import dataset_splits
+VARIANTS = list(CFG.variants)
+SEEDS = list(CFG.seeds)
+REAL_DATASETS = list(CFG["datasets"].enabled)
 
 
 wildcard_constraints:
@@ -22,13 +22,17 @@ def synthetic_splits():
     return {s: f"data/synthetic/{s}.h5" for s in SPLITS}
 
 
+def dataset_splits(name):
+    return list(CFG["datasets"].source(name).splits)
+
+
 def sft_owner(variant):
     """The variant whose SFT checkpoint `variant` uses (itself unless `sft_from`)."""
-    return config["variants"][variant].get("sft_from") or variant
+    return CFG.sft_owner(variant)
 
 
 def has_rft(variant):
-    return config["variants"][variant].get("rft") is not None
+    return CFG.has_rft(variant)
 
 
 def rft_variants():
@@ -48,7 +52,7 @@ def policy_dir(variant, seed):
 
 
 def evaluator_role():
-    return "reward" if config["retrieval"].get("share_evaluator_with_reward") else "evaluator"
+    return "reward" if CFG["retrieval"].share_evaluator_with_reward else "evaluator"
 
 
 def retrieval_dir(role):
@@ -56,7 +60,7 @@ def retrieval_dir(role):
 
 
 def pose_encoder_inputs():
-    if config["pose_encoder"].get("enabled"):
+    if CFG["pose_encoder"].enabled:
         return [f"{RESULTS}/pose_encoder/model.safetensors"]
     return []
 
@@ -64,9 +68,9 @@ def pose_encoder_inputs():
 def dataset_params(name):
     """Only what dataset `name`'s download/conversion reads, so editing one dataset's
     section reruns that dataset alone."""
-    ds = config["datasets"]
+    ds = CFG.params("datasets")
     keep = ("raw_dir", "download_retries", "download_timeout_s")
-    return {**{k: ds[k] for k in keep if k in ds}, name: ds.get(name, {})}
+    return {**{k: ds[k] for k in keep}, name: ds[name]}
 
 
 def metrics_files():
@@ -76,7 +80,7 @@ def metrics_files():
 def all_targets():
     targets = list(synthetic_splits().values())
     targets += [f"data/{ds}/{split}.h5" for ds in REAL_DATASETS
-                for split in dataset_splits(config["datasets"], ds)]
+                for split in dataset_splits(ds)]
     targets += [f"{retrieval_dir(r)}/recall.json" for r in sorted({"reward", evaluator_role()})]
     targets += metrics_files()
     targets += [f"{RESULTS}/tables/main.md", f"{RESULTS}/report/summary.md"]
@@ -85,10 +89,11 @@ def all_targets():
 
 def resolve_experiment():
     """Create/resolve the MLflow experiment once, before parallel jobs race to do it."""
-    if not config["tracking"].get("enabled", True):
+    tracking = CFG["tracking"]
+    if not tracking.enabled:
         return
     from poserft.tracking import default_artifact_root, ensure_experiment, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(config["tracking"].get("tracking_uri"), RESULTS)
-    root = default_artifact_root(uri, config["tracking"].get("artifact_root"), RESULTS)
-    ensure_experiment(config["tracking"]["experiment"], uri, root)
+    uri = resolve_tracking_uri(tracking.tracking_uri, RESULTS)
+    root = default_artifact_root(uri, tracking.artifact_root, RESULTS)
+    ensure_experiment(tracking.experiment, uri, root)

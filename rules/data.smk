@@ -6,8 +6,8 @@ rule synthesize:
     output:
         **synthetic_splits(),
     params:
-        synth=config["synth"],
-        body=config["body"],
+        synth=CFG.params("synth"),
+        body=CFG.params("body"),
     log:
         "logs/synthesize.log",
     benchmark:
@@ -40,11 +40,11 @@ for _ds in REAL_DATASETS:
         input:
             manifest=f"data/{_ds}/download_manifest.json",
         output:
-            **{s: f"data/{_ds}/{s}.h5" for s in dataset_splits(config["datasets"], _ds)},
+            **{s: f"data/{_ds}/{s}.h5" for s in dataset_splits(_ds)},
         params:
             datasets=dataset_params(_ds),
             dataset=_ds,
-            body=config["body"],
+            body=CFG.params("body"),
         log:
             f"logs/convert/{_ds}.log",
         benchmark:
@@ -60,7 +60,7 @@ rule tokenizer:
     output:
         f"{RESULTS}/tokenizer/tokenizer.json",
     params:
-        tokenizer=config["tokenizer"],
+        tokenizer=CFG.params("tokenizer"),
     log:
         "logs/tokenizer.log",
     script:

@@ -2,13 +2,11 @@
 # the evaluator retrieval model, MPJPE, PA-MPJPE), format rate and text reward on held-out
 # VQA; and, once for all variants, the floor and ceiling every table shows beside them.
 
-from poserft.eval.config import EvalConfig as _EvalConfig
-
-_EVAL = _EvalConfig.from_dict(config["eval"], where="eval")
+_EVAL = CFG["eval"]
 # Real test splits scored beside the synthetic one: enabled datasets with a protocol.
 EVAL_REAL_DATASETS = [ds for ds in REAL_DATASETS
                       if (ds in _EVAL.image_benchmarks or ds in _EVAL.text_benchmarks)
-                      and "test" in dataset_splits(config["datasets"], ds)]
+                      and "test" in dataset_splits(ds)]
 
 
 rule evaluate:
@@ -20,9 +18,9 @@ rule evaluate:
     output:
         metrics=f"{RUNS}/{{variant}}/seed{{seed}}/metrics.json",
     params:
-        eval=config["eval"],
-        text_embedder=config["text_embedder"],
-        body=config["body"],
+        eval=CFG.params("eval"),
+        text_embedder=CFG.params("text_embedder"),
+        body=CFG.params("body"),
         policy_dir=lambda wc: policy_dir(wc.variant, wc.seed),
         evaluator_dir=lambda wc: retrieval_dir(evaluator_role()),
     log:
@@ -46,8 +44,8 @@ rule evaluate_reference:
     output:
         metrics=f"{RESULTS}/reference/metrics.json",
     params:
-        eval=config["eval"],
-        body=config["body"],
+        eval=CFG.params("eval"),
+        body=CFG.params("body"),
     log:
         "logs/evaluate/reference.log",
     benchmark:

@@ -8,7 +8,7 @@ rule pretrain_pose_encoder:
     output:
         f"{RESULTS}/pose_encoder/model.safetensors",
     params:
-        pose_encoder=config["pose_encoder"],
+        pose_encoder=CFG.params("pose_encoder"),
     log:
         "logs/pretrain_pose_encoder.log",
     benchmark:
@@ -30,9 +30,9 @@ rule sft:
         config=f"{RUNS}/{{variant}}/seed{{seed}}/sft/final/config.json",
         tokenizer=f"{RUNS}/{{variant}}/seed{{seed}}/sft/final/tokenizer.json",
     params:
-        model=lambda wc: variant_section(config, wc.variant, "model", seed=wc.seed),
-        sft=lambda wc: variant_section(config, wc.variant, "sft", seed=wc.seed),
-        body=config["body"],
+        model=lambda wc: CFG.variant_params(wc.variant, "model", seed=int(wc.seed)),
+        sft=lambda wc: CFG.variant_params(wc.variant, "sft", seed=int(wc.seed)),
+        body=CFG.params("body"),
     log:
         "logs/sft/{variant}_seed{seed}.log",
     benchmark:

@@ -1,14 +1,17 @@
 # Tables (paper layout), plots, the pose gallery and the summary page that
 # `snakemake --report report.html` shows (captions: report/*.rst).
 
-from poserft.config import ReportConfig as _ReportConfig
-
-_REPORT = _ReportConfig.from_dict(config["report"], where="report")
+_REPORT = CFG["report"]
 TABLES = f"{RESULTS}/tables"
 PLOTS = f"{RESULTS}/plots"
 
 
-VARIANT_DESCRIPTIONS = {v: (config["variants"][v] or {}).get("description", "") for v in VARIANTS}
+VARIANT_DESCRIPTIONS = {v: CFG.variants[v].description for v in VARIANTS}
+# Table 3 follows the config: ablation title -> its variants, in config order.
+ABLATIONS = {}
+for _v in VARIANTS:
+    for _title in CFG.variants[_v].ablations:
+        ABLATIONS.setdefault(_title, []).append(_v)
 RFT_SUMMARIES = [f"{RUNS}/{v}/seed{s}/rft/rft_summary.json" for v in rft_variants() for s in SEEDS]
 RECALL_FILES = {r: f"{retrieval_dir(r)}/recall.json" for r in sorted({"reward", evaluator_role()})}
 # Per variant (first seed): its SFT policy, RFT policy and RFT checkpoint folder.
@@ -38,6 +41,7 @@ rule tables:
     params:
         include_paper_numbers=_REPORT.include_paper_numbers,
         variants=VARIANT_DESCRIPTIONS,
+        ablations=ABLATIONS,
     log:
         "logs/report/tables.log",
     benchmark:
@@ -55,7 +59,7 @@ rule plots:
         reward_curves=report(f"{PLOTS}/reward_curves.png", caption="../report/plots.rst", category="Plots"),
         metric_bars=report(f"{PLOTS}/metric_bars.png", caption="../report/plots.rst", category="Plots"),
     params:
-        tracking=config["tracking"],
+        tracking=CFG.params("tracking"),
         variants=list(VARIANTS),
     log:
         "logs/report/plots.log",
@@ -75,7 +79,7 @@ rule gallery:
     params:
         gallery_prompts=_REPORT.gallery_prompts,
         sources=GALLERY_SOURCES,
-        body=config["body"],
+        body=CFG.params("body"),
     log:
         "logs/report/gallery.log",
     benchmark:

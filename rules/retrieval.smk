@@ -10,7 +10,7 @@ rule train_retrieval:
         config=f"{RESULTS}/retrieval/{{role}}/config.json",
         recall=f"{RESULTS}/retrieval/{{role}}/recall.json",
     params:
-        retrieval=config["retrieval"],
+        retrieval=CFG.params("retrieval"),
     log:
         "logs/retrieval/{role}.log",
     benchmark:

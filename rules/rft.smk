@@ -12,9 +12,9 @@ rule rft:
         tokenizer=f"{RUNS}/{{variant}}/seed{{seed}}/rft/tokenizer.json",
         summary=f"{RUNS}/{{variant}}/seed{{seed}}/rft/rft_summary.json",
     params:
-        rft=lambda wc: variant_section(config, wc.variant, "rft", seed=wc.seed),
-        text_embedder=config["text_embedder"],
-        body=config["body"],
+        rft=lambda wc: CFG.variant_params(wc.variant, "rft", seed=int(wc.seed)),
+        text_embedder=CFG.params("text_embedder"),
+        body=CFG.params("body"),
         checkpoint_dir=lambda wc: f"{RUNS}/{wc.variant}/seed{wc.seed}/rft_checkpoints",
     log:
         "logs/rft/{variant}_seed{seed}.log",

@@ -16,7 +16,7 @@ import smplx
 import torch
 
 import poserft.body as body
-from poserft.body import SkeletonModel
+from poserft.body import BodyConfig, SkeletonModel
 from poserft.body.kinematics import H36M17_TO_LSP14, SMPL_PARENTS
 from poserft.body.smpl import SmplxBodyModel, load_model_data
 
@@ -118,7 +118,8 @@ def _reference_smpl(path, go, bp, betas, transl):
 
 
 def test_smpl_matches_smplx_and_skeleton_fk(smpl_file, rest24):
-    model = body.load({"model": "smpl", "model_path": str(smpl_file.parent)})
+    model = body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(smpl_file.parent)},
+                                           where="body"))
     assert isinstance(model, SmplxBodyModel) and model.kind == "smpl"
     np.testing.assert_allclose(model.rest_joints.numpy(), rest24, atol=2e-5)
     go, bp, betas, transl = _poses(5, seed=0)
@@ -145,8 +146,8 @@ def test_h36m_regressor_on_vertices(smpl_file, tmp_path):
     regressor /= regressor.sum(1, keepdims=True)
     path = tmp_path / "J_regressor_h36m.npy"
     np.save(path, regressor)
-    model = body.load({"model": "smpl", "model_path": str(smpl_file),
-                       "h36m_regressor_path": str(path)})
+    model = body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(smpl_file),
+                                            "h36m_regressor_path": str(path)}, where="body"))
     go, bp, betas, transl = _poses(3, seed=4)
     _, verts = _reference_smpl(smpl_file, go, bp, betas, transl)
     expected = np.einsum("jv,bvc->bjc", regressor, verts.numpy())
@@ -161,15 +162,18 @@ def test_h36m_regressor_on_vertices(smpl_file, tmp_path):
 
     np.save(tmp_path / "bad.npy", regressor[:, :100])
     with pytest.raises(ValueError, match=r"must have shape \(17, 6890\), got \(17, 100\)"):
-        body.load({"model": "smpl", "model_path": str(smpl_file),
-                   "h36m_regressor_path": str(tmp_path / "bad.npy")})
+        body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(smpl_file),
+                                        "h36m_regressor_path": str(tmp_path / "bad.npy")},
+                                       where="body"))
     with pytest.raises(FileNotFoundError, match="H36M joint regressor not found"):
-        body.load({"model": "smpl", "model_path": str(smpl_file),
-                   "h36m_regressor_path": str(tmp_path / "missing.npy")})
+        body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(smpl_file),
+                                        "h36m_regressor_path": str(tmp_path / "missing.npy")},
+                                       where="body"))
 
 
 def test_smplh_uses_21_body_joints_and_flat_hands(smplh_folder):
-    model = body.load({"model": "smplh", "model_path": str(smplh_folder), "gender": "male"})
+    model = body.load(BodyConfig.from_dict(
+        {"model": "smplh", "model_path": str(smplh_folder), "gender": "male"}, where="body"))
     assert model.kind == "smplh"
     go, bp, betas, transl = _poses(4, seed=5)
     layer = smplx.SMPLH(model_path=str(smplh_folder), gender="male", ext="npz", use_pca=False,
@@ -214,7 +218,8 @@ def test_chumpy_pickles_load_without_chumpy(tmp_path, rest24):
     loaded = load_model_data(tmp_path / "SMPL_NEUTRAL.pkl", "smpl")
     np.testing.assert_array_equal(loaded["v_template"], data["v_template"])
     np.testing.assert_array_equal(loaded["shapedirs"], data["shapedirs"])
-    model = body.load({"model": "smpl", "model_path": str(tmp_path)})
+    model = body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(tmp_path)},
+                                           where="body"))
     np.testing.assert_allclose(model.rest_joints.numpy(), rest24, atol=2e-5)
 
 
@@ -224,10 +229,13 @@ def test_wrong_files_raise(tmp_path, rest24):
     with open(tmp_path / "SMPL_NEUTRAL.pkl", "wb") as handle:
         pickle.dump(data, handle)
     with pytest.raises(ValueError, match=r"missing keys \['weights'\]"):
-        body.load({"model": "smpl", "model_path": str(tmp_path)})
+        body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(tmp_path)},
+                                       where="body"))
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="cannot read SMPL model file"):
-        body.load({"model": "smpl", "model_path": str(tmp_path / "junk.pkl")})
+        body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(tmp_path / "junk.pkl")},
+                                       where="body"))
     np.savez(tmp_path / "SMPLH_NEUTRAL.npz", **_dense(_synthetic_model("smpl", rest24)))
     with pytest.raises(ValueError, match="missing keys"):
-        body.load({"model": "smplh", "model_path": str(tmp_path)})
+        body.load(BodyConfig.from_dict({"model": "smplh", "model_path": str(tmp_path)},
+                                       where="body"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -131,50 +134,98 @@ class _RecordingTracker:
         self.metrics.update(d)
 
 
-def test_convert_logs_counts_and_removes_written_splits_when_a_later_write_fails(tmp_path, monkeypatch):
+def test_convert_logs_counts_and_keeps_previous_splits_when_a_later_write_fails(tmp_path, monkeypatch):
+    import h5py
+
     from fixtures_realformat import write_amass_tree
-    from poserft.data import h5io
+    from poserft.body import BodyConfig
     from poserft.data.converters import convert
+    from poserft.data.converters.config import DatasetsConfig
 
     raw = tmp_path / "raw"
     write_amass_tree(raw, {"CMU": 1, "HumanEva": 1}, n_frames=6)
-    cfg = {"amass": {"splits": {"train": ["CMU"], "val": ["HumanEva"]}, "files": [],
-                     "target_fps": 0.0}}
-    out = {"train": tmp_path / "out/train.h5", "val": tmp_path / "out/val.h5"}
+    cfg = DatasetsConfig.from_dict({"amass": {"splits": {"train": ["CMU"], "val": ["HumanEva"]},
+                                              "files": [], "target_fps": 0.0}}, where="datasets")
+    out_dir = tmp_path / "out"
+    out = {"train": out_dir / "train.h5", "val": out_dir / "val.h5"}
     tracker = _RecordingTracker()
-    convert("amass", cfg, raw, out, {"model": "skeleton"}, tracker=tracker, progress=False)
+    old_umask = os.umask(0o027)
+    try:
+        convert("amass", cfg, raw, out, BodyConfig.from_dict({"model": "skeleton"}, where="body"),
+                tracker=tracker, progress=False)
+    finally:
+        os.umask(old_umask)
     assert tracker.params["dataset"] == "amass"
     assert tracker.metrics["train/n_poses"] == 6 and tracker.metrics["val/n_sequences"] == 1
-    for p in out.values():
-        p.unlink()
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.values()} == {0o640}   # umask honoured
+    good = {split: p.read_bytes() for split, p in out.items()}
 
-    real_write = h5io.write_split
-    calls = []
+    # New raw data, and the disk fills up while the second split (val) is being written.
+    write_amass_tree(raw, {"CMU": 1, "HumanEva": 1}, n_frames=9, seed=5)
+    real_create = h5py.Group.create_dataset
 
-    def failing_second_write(path, arrays, attrs, **kw):
-        calls.append(path)
-        if len(calls) == 2:
+    def disk_full_in_val(self, name, *a, **kw):
+        if ".val.h5." in self.file.filename:
             raise OSError("disk full")
-        return real_write(path, arrays, attrs, **kw)
+        return real_create(self, name, *a, **kw)
 
-    monkeypatch.setattr(h5io, "write_split", failing_second_write)
+    monkeypatch.setattr(h5py.Group, "create_dataset", disk_full_in_val)
     with pytest.raises(OSError, match="disk full"):
         convert("amass", cfg, raw, out, None, progress=False)
-    assert len(calls) == 2 and list((tmp_path / "out").iterdir()) == []
+    # the previous good files are untouched (train.h5 was already written: not replaced)
+    assert sorted(os.listdir(out_dir)) == ["train.h5", "val.h5"]
+    assert {split: p.read_bytes() for split, p in out.items()} == good
+    # with no previous files, nothing is left at all
+    for p in out.values():
+        p.unlink()
+    with pytest.raises(OSError, match="disk full"):
+        convert("amass", cfg, raw, out, None, progress=False)
+    assert os.listdir(out_dir) == []
 
 
 def test_convert_accepts_just_the_dataset_section(tmp_path):
-    """Rules may pass ``config['datasets'][name]`` (a plain dict) instead of the whole section."""
+    """Rules may pass ``config.datasets.<name>`` (a typed DatasetSource) instead of the whole
+    section; a plain dict is not parsed here (the config is parsed once, by load_config)."""
     from fixtures_realformat import write_amass_tree
     from poserft.data.converters import convert
+    from poserft.configbase import ConfigError
+    from poserft.data.converters.config import AmassSource
     from poserft.data.h5io import SplitReader
 
     raw = tmp_path / "raw"
     write_amass_tree(raw, {"CMU": 1}, n_frames=6)
     section = {"splits": {"train": ["CMU"]}, "files": ["CMU"], "target_fps": 30.0}
     out = {"train": tmp_path / "train.h5"}
-    convert("amass", section, raw, out, None, progress=False)
+    convert("amass", AmassSource.from_dict(section, where="datasets.amass"), raw, out, None,
+            progress=False)
     r = SplitReader(out["train"])
     assert r.num_poses == 3 and r.attrs["converter_params"]["target_fps"] == 30.0
-    with pytest.raises(Exception, match="datasets.amass.target_fps"):
-        convert("amass", {**section, "target_fps": -1.0}, raw, out, None, progress=False)
+    with pytest.raises(ConfigError, match="datasets.amass.target_fps"):
+        convert("amass", AmassSource.from_dict({**section, "target_fps": -1.0},
+                                               where="datasets.amass"), raw, out, None,
+                progress=False)
+    with pytest.raises(TypeError, match="from_dict"):
+        convert("amass", section, raw, out, None, progress=False)
+
+
+def test_load_npz_unreadable_files_name_file_field_and_fix(tmp_path):
+    from poserft.data.converters.common import load_npz
+
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, ok=np.zeros(2), poses=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ConversionError, match=r"objects\.npz: 'poses': cannot be read without "
+                                              r"unpickling .*re-download"):
+        load_npz(objects)
+    assert list(load_npz(objects, ["ok"])) == ["ok"]     # other keys stay readable
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as fh:
+        np.save(fh, np.zeros(3))
+    with pytest.raises(ConversionError, match=r"single\.npz: '/': is a single \.npy array"):
+        load_npz(single)
+    crc = tmp_path / "crc.npz"
+    np.savez_compressed(crc, poses=np.random.default_rng(0).random(5000))
+    data = bytearray(crc.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    crc.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=r"crc\.npz: 'poses': truncated or corrupt"):
+        load_npz(crc)

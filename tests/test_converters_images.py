@@ -13,6 +13,7 @@ from fixtures_realformat import write_bedlam_script, write_eft_json, write_spin_
 from poserft.body import load
 from poserft.data.converters import convert
 from poserft.data.converters.common import ConversionError
+from poserft.data.converters.config import DatasetsConfig
 from poserft.data.h5io import SplitReader, validate_split
 
 
@@ -31,8 +32,9 @@ def test_spin_npz_filters_strides_and_keeps_spin_joints(tmp_path, name):
     raw = tmp_path / "raw"
     has_smpl = np.array([1, 0, 1, 1, 1, 0, 1, 1, 1, 1])
     src = write_spin_npz(raw / "train.npz", n=10, has_smpl=has_smpl)
-    cfg = {name: {"files": ["train.npz"], "splits": {"train": ["train.npz"]}, "frame_stride": 2,
-                  "image_root": "/data/h36m"}}
+    cfg = DatasetsConfig.from_dict(
+        {name: {"files": ["train.npz"], "splits": {"train": ["train.npz"]}, "frame_stride": 2,
+                "image_root": "/data/h36m"}}, where="datasets")
     out = {"train": tmp_path / "train.h5"}
     convert(name, cfg, raw, out, None, progress=False)
     r = SplitReader(out["train"])
@@ -63,8 +65,8 @@ def test_spin_npz_malformed_fails_cleanly(tmp_path, overrides, field):
     write_spin_npz(raw / "h36m_valid_protocol2.npz", n=4)
     out_dir = tmp_path / "out"
     with pytest.raises(ConversionError) as err:
-        convert("h36m", {}, raw, {"test": out_dir / "test.h5", "train": out_dir / "train.h5"}, None,
-                progress=False)
+        convert("h36m", DatasetsConfig(), raw,
+                {"test": out_dir / "test.h5", "train": out_dir / "train.h5"}, None, progress=False)
     assert "h36m_train.npz" in str(err.value) and f"'{field}'" in str(err.value)
     assert not out_dir.exists()
 
@@ -77,7 +79,8 @@ def test_eft_rotmats_to_axis_angle(tmp_path, name, file):
     raw = tmp_path / "raw"
     src = write_eft_json(raw / file, n=5, coco=name == "coco_eft")
     out = {"train": tmp_path / "train.h5"}
-    convert(name, {name: {"image_root": "/img"}}, raw, out, None, progress=False)
+    convert(name, DatasetsConfig.from_dict({name: {"image_root": "/img"}}, where="datasets"), raw, out,
+            None, progress=False)
     r = SplitReader(out["train"])
     rot = np.array([d["parm_pose"] for d in src["data"]])
     ref = Rotation.from_matrix(rot.reshape(-1, 3, 3)).as_rotvec().reshape(5, 24, 3)
@@ -110,7 +113,7 @@ def test_eft_malformed_fails_cleanly(tmp_path, mutate, field):
     path.write_text(json.dumps(data))
     out_dir = tmp_path / "out"
     with pytest.raises(ConversionError) as err:
-        convert("mpii_eft", {}, raw, {"train": out_dir / "train.h5"}, None, progress=False)
+        convert("mpii_eft", DatasetsConfig(), raw, {"train": out_dir / "train.h5"}, None, progress=False)
     assert str(path) in str(err.value) and field in str(err.value)
     assert not out_dir.exists()
 
@@ -122,7 +125,7 @@ def test_bedlam_script_captions_camera_and_keypoints(tmp_path):
     captions = {"sceneA.npz:1": "Arms crossed.", "sceneB.npz:0": ["Kneeling.", "On one knee."]}
     src = write_bedlam_script(raw, "training", {"sceneA": 3, "sceneB": 2}, captions)
     out = {"train": tmp_path / "train.h5"}
-    convert("bedlam_script", {}, raw, out, None, progress=False)
+    convert("bedlam_script", DatasetsConfig(), raw, out, None, progress=False)
     assert validate_split(out["train"]) == {"N": 5, "M": 3}
     r = SplitReader(out["train"])
     assert list(r.read("meta/label_key")) == ["sceneA.npz:0", "sceneA.npz:1", "sceneA.npz:2",
@@ -148,7 +151,8 @@ def test_bedlam_script_caption_for_unknown_row_is_an_error(tmp_path):
     raw = tmp_path / "raw"
     write_bedlam_script(raw, "training", {"sceneA": 2}, {"sceneA.npz:7": "?"})
     with pytest.raises(ConversionError, match="'sceneA.npz:7'.*no label row"):
-        convert("bedlam_script", {}, raw, {"train": tmp_path / "t.h5"}, None, progress=False)
+        convert("bedlam_script", DatasetsConfig(), raw, {"train": tmp_path / "t.h5"}, None,
+                progress=False)
     assert not (tmp_path / "t.h5").exists()
 
 
@@ -160,5 +164,6 @@ def test_bedlam_script_wrong_pose_width(tmp_path):
     data["pose_cam"] = data["pose_cam"][:, :72]
     np.savez(path, **data)
     with pytest.raises(ConversionError, match=r"sceneA\.npz: 'pose_cam': shape \(2, 72\)"):
-        convert("bedlam_script", {}, raw, {"train": tmp_path / "t.h5"}, None, progress=False)
+        convert("bedlam_script", DatasetsConfig(), raw, {"train": tmp_path / "t.h5"}, None,
+                progress=False)
     assert not (tmp_path / "t.h5").exists()

@@ -8,7 +8,7 @@ import pytest
 from fixtures_realformat import write_llava_json
 from poserft.data.converters import convert
 from poserft.data.converters.common import ConversionError
-from poserft.data.converters.config import LlavaInstructSource
+from poserft.data.converters.config import DatasetsConfig, LlavaInstructSource
 from poserft.data.converters.llava import (
     build_llava, read_llava_conversations)
 
@@ -58,7 +58,8 @@ def test_llava_converts_to_vqa_only_file(tmp_path):
     raw = tmp_path / "raw"
     write_llava_json(raw / "llava_instruct_150k.json", CONVERSATIONS)
     out = {"train": tmp_path / "train.h5"}
-    convert("llava_instruct", {"llava_instruct": {"image_root": "/coco"}}, raw, out, None, progress=False)
+    cfg = DatasetsConfig.from_dict({"llava_instruct": {"image_root": "/coco"}}, where="datasets")
+    convert("llava_instruct", cfg, raw, out, None, progress=False)
     assert validate_split(out["train"]) == {"N": 0, "Q": 3}
     r = SplitReader(out["train"])
     assert r.read("vqa/image_paths", 2) == "/coco/train2017/000000052846.jpg"

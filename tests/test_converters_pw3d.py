@@ -13,6 +13,7 @@ from fixtures_realformat import write_pw3d_sequence
 from poserft.body import load
 from poserft.data.converters import convert
 from poserft.data.converters.common import ConversionError
+from poserft.data.converters.config import DatasetsConfig
 from poserft.data.h5io import SplitReader, validate_split
 
 
@@ -31,7 +32,8 @@ def test_pw3d_world_and_camera_frames(tmp_path):
     valid = [np.array([1, 1, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0, 1])]
     src = _write(raw, valid=valid, betas_dim=300)
     out = {"train": tmp_path / "train.h5", "test": tmp_path / "test.h5"}
-    convert("pw3d", {"pw3d": {"frame_stride": 2}}, raw, out, None, progress=False)
+    convert("pw3d", DatasetsConfig.from_dict({"pw3d": {"frame_stride": 2}}, where="datasets"), raw, out,
+            None, progress=False)
     assert validate_split(out["test"])["N"] == 2  # 4 frames, stride 2
     r = SplitReader(out["train"])
     seq = src["courtyard_a_00"]
@@ -85,8 +87,8 @@ def test_pw3d_malformed_sequence_fails_cleanly(tmp_path, mutate, field):
         pickle.dump(data, fh, protocol=2)
     out_dir = tmp_path / "out"
     with pytest.raises(ConversionError) as err:
-        convert("pw3d", {}, raw, {"test": out_dir / "test.h5", "train": out_dir / "train.h5"}, None,
-                progress=False)
+        convert("pw3d", DatasetsConfig(), raw,
+                {"test": out_dir / "test.h5", "train": out_dir / "train.h5"}, None, progress=False)
     assert str(path) in str(err.value) and f"'{field}'" in str(err.value)
     assert not out_dir.exists()
 
@@ -95,4 +97,4 @@ def test_pw3d_unknown_split_is_refused(tmp_path):
     raw = tmp_path / "raw"
     _write(raw)
     with pytest.raises(ConversionError, match="split 'holdout' is not configured"):
-        convert("pw3d", {}, raw, {"holdout": tmp_path / "h.h5"}, None, progress=False)
+        convert("pw3d", DatasetsConfig(), raw, {"holdout": tmp_path / "h.h5"}, None, progress=False)

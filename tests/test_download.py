@@ -20,7 +20,7 @@ import pytest
 
 from poserft.configbase import ConfigError
 from poserft.data.converters.config import (
-    DatasetSource, DatasetsConfig, PoseScriptSource, dataset_splits)
+    DatasetSource, DatasetsConfig, PoseScriptSource)
 from poserft.data.download import (
     AuthError, ChecksumError, DownloadError, ManualDownloadRequired, check_manual,
     download_dataset, download_file, extract_archive, fetch_dataset, redact, sha256_file)
@@ -324,7 +324,7 @@ def test_datasets_config_defaults_and_partial_override():
     assert cfg.amass.root == "/scratch/amass" and cfg.amass.manual
     assert "HumanEva" in cfg.amass.splits["val"]       # dataset-specific default kept
     assert cfg.root_of("pw3d") == "raw/pw3d"
-    assert dataset_splits({}, "h36m") == ["train", "test"]
+    assert list(DatasetsConfig().source("h36m").splits) == ["train", "test"]
     with pytest.raises(ConfigError, match=r"datasets\.enabled\[0\]"):
         DatasetsConfig.from_dict({"enabled": ["imagenet"]}, where="datasets")
 
@@ -341,7 +341,8 @@ def test_download_dataset_tracks_hashes_but_no_credentials(server, tmp_path, mon
         def log_params(self, d):
             logged.update(d)
 
-    download_dataset("posescript", {"posescript": source.to_dict()}, tmp_path / "m.json",
+    cfg = DatasetsConfig.from_dict({"posescript": source.to_dict()}, where="datasets")
+    download_dataset("posescript", cfg, tmp_path / "m.json",
                      root=tmp_path / "raw", tracker=Tracker(), progress=False)
     assert logged["sha256.data.tar.gz"] == source.sha256["data.tar.gz"]
     blob = json.dumps(logged) + (tmp_path / "m.json").read_text()

@@ -7,6 +7,7 @@ params rerun trigger).
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -99,12 +100,39 @@ def test_runs_are_in_mlflow(finished_run):
     assert rft.data.metrics, "the RFT run logged no metrics"
 
 
-def _dry_run_with(work: Path, name: str, overlay: dict) -> dict[str, int]:
+def _dry_run_with(work: Path, name: str, overlay: dict, proc_out: list | None = None
+                  ) -> dict[str, int]:
     path = work / name
     path.write_text(yaml.safe_dump(overlay))
     proc = _snakemake(work, "all", "-n", "--configfile", "config.yaml", str(path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if proc_out is not None:
+        proc_out.append(proc)
     return _planned_jobs(proc)
+
+
+def _params_change(proc: subprocess.CompletedProcess, rule: str) -> tuple[dict, dict]:
+    """The (before, now) params of the one job of ``rule`` whose params changed, as
+    Snakemake recorded and compares them (its dry-run 'reason' line)."""
+    text = proc.stdout + proc.stderr
+    for block in re.split(r"\n(?=rule \w+:)", text):
+        if not block.startswith(f"rule {rule}:"):
+            continue
+        m = re.search(r"before: (\{.*\}) now: (\{.*\}) *$", block, re.M)
+        if m:
+            return ast.literal_eval(m.group(1)), ast.literal_eval(m.group(2))
+    raise AssertionError(f"no params change of rule {rule} in:\n{text[-3000:]}")
+
+
+def _changed_keys(a: dict, b: dict, where: str = "") -> set[str]:
+    out = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _changed_keys(va, vb, f"{where}{k}.")
+        elif va != vb:
+            out.add(f"{where}{k}")
+    return out
 
 
 def test_nothing_to_do_after_a_complete_run(finished_run):
@@ -115,6 +143,36 @@ def test_editing_rft_reruns_rft_and_downstream_only(finished_run):
     jobs = _dry_run_with(finished_run, "edit_rft.yaml", {"rft": {"clip_eps_pose": 0.25}})
     assert jobs.get("rft") == 1 and jobs.get("evaluate") == 1
     assert not {"synthesize", "tokenizer", "train_retrieval", "sft"} & set(jobs)
+
+
+@pytest.mark.parametrize("overlay", [
+    {"rft": {"optim": {"lr": 2.0e-6}}},
+    {"variants": {"dist_rft": {"rft": {"optim": {"lr": 2.0e-6}}}}},
+], ids=["base", "variant"])
+def test_a_nested_edit_changes_only_that_key_in_the_rule_params(finished_run, overlay):
+    """The params the rft rule receives change in optim.lr only: the rest of optim keeps
+    the rft section's own defaults (warmup 0, constant LR), not OptimConfig's."""
+    procs: list = []
+    jobs = _dry_run_with(finished_run, "edit_lr.yaml", overlay, procs)
+    assert jobs.get("rft") == 1 and not {"synthesize", "sft", "train_retrieval"} & set(jobs)
+    before, now = _params_change(procs[0], "rft")
+    assert _changed_keys(before, now) == {"optim.lr"}
+    assert now["optim"]["lr"] == 2.0e-6 and now["optim"]["warmup_steps"] == 0
+
+
+def test_sorted_keys_and_explicit_defaults_plan_nothing(finished_run):
+    """The same config written back with sorted keys, and with default values written out,
+    is the same config: no job reruns."""
+    cfg = yaml.safe_load((finished_run / "config.yaml").read_text())
+    cfg["rft"]["clip_eps_pose"] = 0.2                  # defaults, now explicit
+    cfg["sft"]["optim"] = {"warmup_steps": 20}
+    cfg["model"]["fusion"] = "separate"
+    path = finished_run / "sorted_config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=True))
+    proc = _snakemake(finished_run, "all", "-n", "--configfile", str(path),
+                      "--replace-workflow-config", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _planned_jobs(proc) == {}, (proc.stdout + proc.stderr)[-4000:]
 
 
 def test_editing_one_variant_reruns_that_variant_only(finished_run):

@@ -18,7 +18,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def embedder() -> TextEmbedder:
-    return build_text_embedder({"batch_size": 2})
+    return build_text_embedder(TextEmbedderConfig.from_dict({"batch_size": 2}, where="text_embedder"))
 
 
 def test_shape_dtype_and_unit_norm(embedder):
@@ -82,8 +82,9 @@ def test_encode_rejects_bare_string(embedder):
 
 
 def test_flag_backend_with_local_dir_matches_embedded(embedder):
-    flag = build_text_embedder({"backend": "flag", "model_name_or_path": str(embedded_model_dir()),
-                                "model_kind": "sentence", "pooling": "mean"})
+    flag = build_text_embedder(TextEmbedderConfig.from_dict(
+        {"backend": "flag", "model_name_or_path": str(embedded_model_dir()),
+         "model_kind": "sentence", "pooling": "mean"}, where="text_embedder"))
     np.testing.assert_allclose(flag.encode(SENTENCES), embedder.encode(SENTENCES), atol=1e-5)
 
 

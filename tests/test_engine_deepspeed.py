@@ -31,6 +31,7 @@ def test_deepspeed_zero3_trains_resumes_and_exports(tmp_path, monkeypatch):
     pytest.importorskip("deepspeed")
     from poserft.model.io import load_policy
     from poserft.model.testing import make_test_split, make_test_tokenizer, tiny_model_config
+    from poserft.train.config import SFTConfig
     from poserft.train.sft import run_sft
 
     for k, v in {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517",
@@ -38,9 +39,11 @@ def test_deepspeed_zero3_trains_resumes_and_exports(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     train = make_test_split(tmp_path / "train.h5", 32)
     make_test_tokenizer(tmp_path)
-    sft = {"steps": 4, "batch_size": 4, "grad_accum": 2, "eval_samples": 0,
-           "engine": {"backend": "deepspeed", "zero_stage": 3, "checkpoint_every": 2, "log_every": 1}}
-    args = (tiny_model_config().to_dict(), sft, {"train": train}, tmp_path / "tokenizer.json")
+    sft = SFTConfig.from_dict(
+        {"steps": 4, "batch_size": 4, "grad_accum": 2, "eval_samples": 0,
+         "engine": {"backend": "deepspeed", "zero_stage": 3, "checkpoint_every": 2, "log_every": 1}},
+        where="sft")
+    args = (tiny_model_config(), sft, {"train": train}, tmp_path / "tokenizer.json")
 
     full = _KillAfter()
     run_sft(*args, tmp_path / "full", tracker=full)

@@ -80,10 +80,10 @@ def test_mlflow_history_found_by_rule_variant_seed_tags(tmp_path):
     (rft / "rft_summary.json").write_text(json.dumps(
         {"optimizer_steps": 3, "heldout_before": {"a/joint": 1.0}, "heldout_after": {"a/joint": 2.0}}))
     got = P.collect_reward_histories([rft / "rft_summary.json"],
-                                     {"enabled": True, "tracking_uri": uri, "experiment": "e"})
+                                     (uri, "e"))
     assert sorted(got) == [("dist_rft", 0)]
     assert (3, "heldout/a/joint", 2.0) in got[("dist_rft", 0)] and len(got[("dist_rft", 0)]) == 5
-    off = P.collect_reward_histories([rft / "rft_summary.json"], {"enabled": False})
+    off = P.collect_reward_histories([rft / "rft_summary.json"], None)
     assert len(off[("dist_rft", 0)]) == 2
 
 

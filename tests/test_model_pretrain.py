@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from poserft.model.config import PoseEncoderConfig
 from poserft.model.pretrain import HeatmapHead, gaussian_heatmaps, pretrain_pose_encoder, soft_argmax
 
 
@@ -47,8 +48,10 @@ def test_pretrain_learns_keypoints_and_writes_loadable_encoder(tmp_path, arch, t
     val = make_test_split(tmp_path / "val.h5", 16, seed=1, split="val")
     vit = dict(arch=arch, image_size=16, patch_size=8, hidden_size=16, num_layers=1 if arch == "vitpose" else 2,
                num_heads=2, conv_width=8)
-    cfg = {"vit": vit, "steps": 150, "batch_size": 16, "lr": 3e-3, "heatmap_stride": 2,
-           "heatmap_sigma": 1.0, "val_samples": 16, "pose_weight": 0.0 if arch == "vitpose" else 1.0}
+    cfg = PoseEncoderConfig.from_dict(
+        {"vit": vit, "steps": 150, "batch_size": 16, "lr": 3e-3, "heatmap_stride": 2,
+         "heatmap_sigma": 1.0, "val_samples": 16, "pose_weight": 0.0 if arch == "vitpose" else 1.0},
+        where="pose_encoder")
     out = tmp_path / "enc"
     metrics = pretrain_pose_encoder(cfg, {"train": train, "val": val}, out)
     assert metrics["val_kp_error_px"] < 0.6 * metrics["val_mean_kp_baseline_px"], metrics
@@ -106,8 +109,9 @@ def test_pretrain_runs_for_a_few_steps(tmp_path, steps):
     from poserft.model.testing import make_test_split
     train = make_test_split(tmp_path / "train.h5", 16)
     vit = dict(image_size=16, hidden_size=8, num_layers=2, conv_width=4)
-    m = pretrain_pose_encoder({"vit": vit, "steps": steps, "batch_size": 4, "heatmap_stride": 2,
-                               "val_samples": 0}, {"train": train}, tmp_path / "enc")
+    cfg = PoseEncoderConfig.from_dict({"vit": vit, "steps": steps, "batch_size": 4,
+                                       "heatmap_stride": 2, "val_samples": 0}, where="pose_encoder")
+    m = pretrain_pose_encoder(cfg, {"train": train}, tmp_path / "enc")
     assert m["steps"] == steps and (tmp_path / "enc" / "model.safetensors").is_file()
 
 
@@ -119,5 +123,6 @@ def test_pretrain_rejects_split_without_keypoints(tmp_path):
     path = write_split(tmp_path / "nokp.h5", arrays, {"source": "t", "split": "train",
                                                       "body_model": "skeleton", "converter_params": {}})
     with pytest.raises(ValueError, match="keypoints2d"):
-        pretrain_pose_encoder({"steps": 1}, {"train": path}, tmp_path / "out")
+        pretrain_pose_encoder(PoseEncoderConfig.from_dict({"steps": 1}, where="pose_encoder"),
+                              {"train": path}, tmp_path / "out")
     assert not (tmp_path / "out").exists()

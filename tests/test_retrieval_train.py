@@ -31,8 +31,9 @@ ATTRIBUTES = [
     (16, [0, 0, 1.3], "right arm", ("raised", "lifted up"), ("down", "lowered")),
     (2, [0.8, 0, 0], "torso", ("leaning forward", "bent forward"), ("upright", "straight up")),
 ]
-TRAIN_CFG = dict(epochs=25, lr=1e-3, batch_size=32, d_model=64, n_layers=1, ff_dim=128,
-                 pose_hidden_dim=128, latent_dim=64, torch_threads=1)
+TRAIN_CFG = RetrievalConfig.from_dict(
+    dict(epochs=25, lr=1e-3, batch_size=32, d_model=64, n_layers=1, ff_dim=128,
+         pose_hidden_dim=128, latent_dim=64, torch_threads=1), where="retrieval")
 
 
 def _world(n: int, seed: int, captions_per_pose: int = 3) -> dict:
@@ -137,7 +138,7 @@ def test_best_epoch_is_the_best_validation_epoch(trained):
     for role, tracker in trackers.items():
         per_epoch = [(step, m["val/full/mRecall"]) for step, m in tracker.metrics
                      if "val/full/mRecall" in m]
-        assert [s for s, _ in per_epoch] == list(range(TRAIN_CFG["epochs"]))
+        assert [s for s, _ in per_epoch] == list(range(TRAIN_CFG.epochs))
         best_step, best_value = max(per_epoch, key=lambda sv: (sv[1], -sv[0]))
         assert results[role]["best_epoch"] == best_step
         assert results[role]["val_mRecall"] == pytest.approx(best_value)
@@ -178,7 +179,8 @@ def test_saved_model_equals_in_memory_model(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "save_retrieval_model", capture)
     threads = torch.get_num_threads()
-    train_retrieval({**TRAIN_CFG, "epochs": 2}, "reward", paths, tok, tmp_path / "m")
+    cfg = RetrievalConfig.from_dict({"epochs": 2}, where="retrieval", base=TRAIN_CFG)
+    train_retrieval(cfg, "reward", paths, tok, tmp_path / "m")
     assert torch.get_num_threads() == threads  # torch_threads is restored afterwards
     test = load_retrieval_split(paths["test"])
     in_memory, loaded = captured["model"].eval(), load_retrieval_model(tmp_path / "m")

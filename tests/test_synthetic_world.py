@@ -7,6 +7,7 @@ from scipy.spatial.transform import Rotation
 from torch.utils.data import DataLoader
 
 import poserft.body as body
+from poserft.body import BodyConfig
 from poserft.configbase import ConfigError
 from poserft.data.config import SynthConfig
 from poserft.data.dataset import CaptionPoseDataset, ImagePoseDataset, VQADataset
@@ -21,7 +22,7 @@ SMALL = {"num_train": 24, "num_val": 8, "num_test": 8, "image_size": 32,
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     paths = {s: root / f"{s}.h5" for s in ("train", "val", "test")}
-    stats = synthesize(SMALL, paths)
+    stats = synthesize(SynthConfig.from_dict(SMALL, where="synth"), paths)
     return paths, stats
 
 
@@ -69,18 +70,18 @@ def test_splits_are_disjoint_and_generation_is_deterministic(world, tmp_path):
         assert d.min() > 1e-3, (a, b)
     # same config -> identical files' content; another seed -> different poses
     again = {s: tmp_path / f"{s}.h5" for s in paths}
-    synthesize(SMALL, again)
+    synthesize(SynthConfig.from_dict(SMALL, where="synth"), again)
     for s in paths:
         r1, r2 = SplitReader(paths[s]), SplitReader(again[s])
         np.testing.assert_array_equal(r1.images(), r2.images())
         assert list(r1.captions()) == list(r2.captions())
     # changing one split's size leaves the other splits unchanged
     other = {s: tmp_path / f"o_{s}.h5" for s in paths}
-    synthesize({**SMALL, "num_train": 10}, other)
+    synthesize(SynthConfig.from_dict({**SMALL, "num_train": 10}, where="synth"), other)
     np.testing.assert_array_equal(SplitReader(other["val"]).joints(),
                                   SplitReader(paths["val"]).joints())
     seed = {s: tmp_path / f"s_{s}.h5" for s in paths}
-    synthesize({**SMALL, "seed": 6}, seed)
+    synthesize(SynthConfig.from_dict({**SMALL, "seed": 6}, where="synth"), seed)
     moved = SplitReader(seed["val"]).joints() - SplitReader(paths["val"]).joints()
     assert np.abs(moved).max() > 0.1
 
@@ -159,19 +160,22 @@ def test_datasets_explain_missing_data(tmp_path):
 def test_config_errors_and_tracker(tmp_path):
     paths = {s: tmp_path / f"{s}.h5" for s in ("train", "val", "test")}
     with pytest.raises(ConfigError, match="synth.archetypes.*flying"):
-        synthesize({"archetypes": ["flying"]}, paths)
+        synthesize(SynthConfig.from_dict({"archetypes": ["flying"]}, where="synth"), paths)
     with pytest.raises(ConfigError, match="synth.min_codes_per_caption"):
-        synthesize({"min_codes_per_caption": 9, "max_codes_per_caption": 3}, paths)
+        synthesize(SynthConfig.from_dict({"min_codes_per_caption": 9, "max_codes_per_caption": 3},
+                                         where="synth"), paths)
     with pytest.raises(ConfigError, match="synth.num_train"):
         SynthConfig.from_dict({"num_train": 0}, where="synth")
     with pytest.raises(ValueError, match="exactly the keys"):
-        synthesize(SMALL, {"train": paths["train"]})
+        synthesize(SynthConfig.from_dict(SMALL, where="synth"), {"train": paths["train"]})
     with pytest.raises(ConfigError, match="body.model_path"):
-        synthesize(SMALL, paths, body={"model": "smpl"})
+        synthesize(SynthConfig.from_dict(SMALL, where="synth"), paths,
+                   body=BodyConfig.from_dict({"model": "smpl"}, where="body"))
     assert not any(p.exists() for p in paths.values())
     tracker = RecordingTracker()
-    stats = synthesize({**SMALL, "render_images": False, "vqa_per_pose": 0,
-                        "archetypes": ["standing", "sitting"]}, paths, tracker)
+    stats = synthesize(SynthConfig.from_dict({**SMALL, "render_images": False, "vqa_per_pose": 0,
+                                              "archetypes": ["standing", "sitting"]}, where="synth"),
+                       paths, tracker)
     assert tracker.params["synth.num_train"] == 24
     assert tracker.metrics["train.num_captions"] == 48 == stats["train"]["num_captions"]
     r = SplitReader(paths["train"])

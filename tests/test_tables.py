@@ -50,6 +50,11 @@ def _outs(root: Path) -> dict[str, Path]:
 
 VARIANTS = {"baseline": "no Dist.", "dist": "Dist.", "dist_rft": "the method", "grpo": "GRPO",
             "clip_only": "CLIP", "concat_fusion": "concat"}
+# as the Snakefile builds it from config.yaml's `ablations:` lists
+ABLATIONS = {"Distribution head and RFT (Table 3)": ["baseline", "dist", "dist_rft"],
+             "Discrete-only GRPO vs HyGRPO": ["dist_rft", "grpo"],
+             "CLIP only vs pose-aware encoder": ["dist", "clip_only"],
+             "Concatenated vs separate projection": ["dist", "concat_fusion"]}
 
 
 def test_parse_run_path():
@@ -66,7 +71,7 @@ def test_flatten_drops_metadata():
 def test_mean_std_over_seeds_match_numpy(tmp_path):
     spec = {"baseline": [0, 1, 2], "dist": [0, 1, 2], "dist_rft": [0, 1, 2], "grpo": [0]}
     paths, data = _write_runs(tmp_path, spec)
-    tables = T.build_tables(paths, _outs(tmp_path), VARIANTS)
+    tables = T.build_tables(paths, _outs(tmp_path), VARIANTS, ablations=ABLATIONS)
 
     img = pd.read_csv(_outs(tmp_path)["image2pose_csv"])
     for variant in ("baseline", "dist", "dist_rft"):
@@ -95,7 +100,7 @@ def test_mean_std_over_seeds_match_numpy(tmp_path):
 
 def test_text_table_has_both_protocols_and_all_recalls(tmp_path):
     paths, data = _write_runs(tmp_path, {"dist": [0, 1]})
-    T.build_tables(paths, _outs(tmp_path), VARIANTS)
+    T.build_tables(paths, _outs(tmp_path), VARIANTS, ablations=ABLATIONS)
     frame = pd.read_csv(_outs(tmp_path)["text2pose_csv"])
     assert list(frame["Protocol"]) == ["P1 (full)", "P2 (N=32, R=10)"]
     p1 = frame.iloc[0]
@@ -107,7 +112,7 @@ def test_text_table_has_both_protocols_and_all_recalls(tmp_path):
 
 def test_long_csv_has_every_metric(tmp_path):
     paths, data = _write_runs(tmp_path, {"dist": [0, 1], "baseline": [3]})
-    T.build_tables(paths, _outs(tmp_path), VARIANTS)
+    T.build_tables(paths, _outs(tmp_path), VARIANTS, ablations=ABLATIONS)
     long = pd.read_csv(_outs(tmp_path)["main_csv"])
     row = long[(long.variant == "dist") & (long.metric == "text_reward")].iloc[0]
     vals = [data[("dist", s)]["text_reward"] for s in (0, 1)]
@@ -121,10 +126,23 @@ def test_long_csv_has_every_metric(tmp_path):
 
 def test_ablation_groups_skip_missing_variants(tmp_path):
     paths, _ = _write_runs(tmp_path, {"dist": [0], "clip_only": [0], "grpo": [0]})
-    table = T.build_tables(paths, _outs(tmp_path), VARIANTS)["ablation"]
+    table = T.build_tables(paths, _outs(tmp_path), VARIANTS, ablations=ABLATIONS)["ablation"]
     groups = {r.index[0] for r in table.rows}
     assert groups == {"CLIP only vs pose-aware encoder"}
     assert any("Discrete-only GRPO vs HyGRPO: skipped" in n for n in table.notes)
+
+
+def test_ablation_table_follows_the_config(tmp_path):
+    """A user's own variant reaches Table 3 by listing an ablation title; none is hard-coded."""
+    paths, data = _write_runs(tmp_path, {"dist": [0], "my_lora": [0], "grpo": [0]})
+    groups = {"LoRA vs full fine-tuning": ["dist", "my_lora"]}
+    table = T.build_tables(paths, _outs(tmp_path), {**VARIANTS, "my_lora": "LoRA"},
+                           ablations=groups)["ablation"]
+    assert [r.index for r in table.rows] == [("LoRA vs full fine-tuning", "dist"),
+                                             ("LoRA vs full fine-tuning", "my_lora")]
+    assert table.rows[1].cells["MPJPE"].mean == pytest.approx(
+        data[("my_lora", 0)]["image2pose"]["synthetic"]["mpjpe"], rel=1e-6)
+    assert T.build_tables(paths, _outs(tmp_path), VARIANTS)["ablation"].rows == []
 
 
 def test_real_dataset_columns_and_paper_rows(tmp_path):
@@ -197,7 +215,7 @@ def test_bound_rows_in_every_table(tmp_path):
         (tmp_path / "runs" / v / f"seed{s}" / "metrics.json").write_text(json.dumps(d))
     ref = _reference(tmp_path / "reference" / "metrics.json")
     outs = _outs(tmp_path)
-    tables = T.build_tables(paths, outs, VARIANTS, reference=tmp_path / "reference" / "metrics.json")
+    tables = T.build_tables(paths, outs, VARIANTS, ablations=ABLATIONS, reference=tmp_path / "reference" / "metrics.json")
     floor, chance, oracle = "mean pose (floor)", "chance", "oracle (GT poses)"
 
     # Table 1: floor above, ceiling below the variants; synthetic columns only; no chance row

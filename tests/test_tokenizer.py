@@ -141,7 +141,7 @@ def test_build_project_tokenizer_corpus_and_cache(tmp_path):
     assert "the qwxzvkj angle?" in texts and "so plorbtwix yes" in texts
 
     out = tmp_path / "tok" / "tokenizer.json"
-    cfg = {"vocab_size": 400, "min_frequency": 2}
+    cfg = TokenizerConfig.from_dict({"vocab_size": 400, "min_frequency": 2}, where="tokenizer")
     info = build_project_tokenizer(cfg, [h5a, h5b], out, extra_texts=["do frumblezonk go"] * 30)
     assert info["cached"] is False and info["num_texts"] == 94 + 30
     tok = load_tokenizer(out)
@@ -175,7 +175,8 @@ def test_build_from_pretrained_checkpoint(tmp_path):
     h5 = tmp_path / "train.h5"
     _write_split(h5, CORPUS[:4], [], [])
     out = tmp_path / "tokenizer.json"
-    info = build_project_tokenizer({"pretrained": str(embedded_model_dir())}, [h5], out)
+    cfg = TokenizerConfig.from_dict({"pretrained": str(embedded_model_dir())}, where="tokenizer")
+    info = build_project_tokenizer(cfg, [h5], out)
     tok = load_tokenizer(out)
     assert info["vocab_size"] == len(tok) > 30000  # the MiniLM (BERT) vocabulary, extended
     ids = special_token_ids(tok)

@@ -42,11 +42,14 @@ def test_job_run_is_readable_back(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     smk = _fake_snakemake(tmp_path, wildcards={"variant": "dist", "seed": "0"},
-                          params={"sft": {"lr": 0.001, "steps": 3}})
+                          params={"sft": {"optim": {"lr": 0.001}, "steps": 3}, "note": "x"})
     artifact = tmp_path / "note.txt"
     artifact.write_text("hello")
     with job(smk, results_dir=str(tmp_path / "results")) as (params, tracker):
-        assert params == {"sft": {"lr": 0.001, "steps": 3}}
+        # a param named after a config section arrives typed; others as given
+        from poserft.train.config import SFTConfig
+        assert isinstance(params["sft"], SFTConfig) and params["note"] == "x"
+        assert (params["sft"].steps, params["sft"].optim.lr) == (3, 0.001)
         for step in range(3):
             tracker.log_metrics({"loss": 1.0 / (step + 1), "val/t2p_R@5": 50.0}, step=step)
         tracker.log_artifact(artifact)
@@ -56,7 +59,7 @@ def test_job_run_is_readable_back(tmp_path, monkeypatch):
     assert exp.artifact_location.startswith("file://") and "mlartifacts" in exp.artifact_location
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params == {"sft.lr": "0.001", "sft.steps": "3"}
+    assert run.data.params == {"sft.optim.lr": "0.001", "sft.steps": "3", "note": "x"}
     assert run.data.tags["rule"] == "sft" and run.data.tags["variant"] == "dist"
     assert run.data.tags["wildcard.seed"] == "0" and len(run.data.tags["config_hash"]) == 12
     history = client.get_metric_history(run.info.run_id, "loss")

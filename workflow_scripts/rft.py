@@ -12,11 +12,14 @@ from poserft.train.launch import job_nproc, launch_local
 from poserft.workflow import job
 
 with job(snakemake) as (params, tracker):  # noqa: F821 (snakemake is injected)
+    # imported here: torch loads after job() has set the thread limits and the log file
+    from poserft.rl.trainer import run_rft
+
     inp, out = snakemake.input, snakemake.output  # noqa: F821
-    kwargs = dict(model_cfg=None, rft_cfg=params["rft"], sft_dir=str(Path(inp.sft).parent),
+    kwargs = dict(rft_cfg=params["rft"], sft_dir=str(Path(inp.sft).parent),
                   reward_model_dir=str(Path(inp.reward_model).parent),
                   split_paths={s: str(inp[s]) for s in ("train", "val")},
                   out_dir=str(Path(out.model).parent), text_embedder=params["text_embedder"],
                   body_cfg=params["body"], checkpoint_dir=params["checkpoint_dir"])
-    summary = launch_local("rft", kwargs, job_nproc(snakemake), tracker=tracker)  # noqa: F821
+    summary = launch_local(run_rft, kwargs, job_nproc(snakemake), tracker=tracker)  # noqa: F821
     print(summary)

@@ -7,6 +7,7 @@ with job(snakemake) as (params, tracker):  # noqa: F821 (snakemake is injected)
     out = {k: getattr(snakemake.output, k) for k in TABLE_FILES}  # noqa: F821
     build_tables(list(snakemake.input.metrics), out, variants=params["variants"],  # noqa: F821
                  include_paper_numbers=params["include_paper_numbers"],
+                 ablations=params["ablations"],
                  reference=snakemake.input.reference)  # noqa: F821
     for path in out.values():
         tracker.log_artifact(path, "tables")

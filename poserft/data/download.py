@@ -373,17 +373,16 @@ def fetch_dataset(name: str, source: DatasetSource | Mapping[str, Any], root: st
     return hashes
 
 
-def download_dataset(name: str, cfg: DatasetsConfig | Mapping[str, Any], manifest_path: str | os.PathLike,
+def download_dataset(name: str, cfg: DatasetsConfig, manifest_path: str | os.PathLike,
                      *, root: str | os.PathLike | None = None, tracker: Any = None,
                      progress: bool = True) -> dict[str, Any]:
     """Stage entry point: fetch/check dataset ``name`` and write a JSON manifest.
 
-    cfg: the ``datasets`` section (object or plain dict). root: overrides the configured
+    cfg: the ``datasets`` section (DatasetsConfig). root: overrides the configured
     raw folder. The manifest ``{"dataset", "root", "manual", "files": {name: sha256}}`` is
     written atomically (it is the workflow's output of the download step).
     """
-    if not isinstance(cfg, DatasetsConfig):
-        cfg = DatasetsConfig.from_dict(dict(cfg), where="datasets")
+    cfg = DatasetsConfig.expect(cfg, "download_dataset: cfg")
     source = cfg.source(name)
     root = Path(root if root is not None else cfg.root_of(name))
     hashes = fetch_dataset(name, source, root, retries=cfg.download_retries,

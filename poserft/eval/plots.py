@@ -136,14 +136,13 @@ def heldout_points(summary: Mapping[str, Any]) -> list[tuple[int, str, float]]:
 
 
 def collect_reward_histories(rft_summaries: Sequence[str | os.PathLike],
-                             tracking: Mapping[str, Any] | None = None,
-                             results_dir: str | os.PathLike = "results"
+                             mlflow: tuple[str, str] | None = None
                              ) -> dict[tuple[str, int], list[tuple[int, str, float]]]:
     """(variant, seed) -> reward history of each RFT run given by its rft_summary.json.
 
     Training rewards come from a history file next to the policy (:func:`load_reward_history`)
-    or else the run's MLflow metrics (when ``tracking.enabled``); the held-out before/after
-    rewards of the summary are added in both cases.
+    or else the run's MLflow metrics (``mlflow``: (tracking URI, experiment); None when
+    tracking is off); the held-out before/after rewards of the summary are added in both cases.
     """
     from poserft.eval.tables import parse_run_path
 
@@ -153,10 +152,8 @@ def collect_reward_histories(rft_summaries: Sequence[str | os.PathLike],
         variant, seed = parse_run_path(path.parent.parent / "metrics.json")
         summary = json.loads(path.read_text())
         hist = load_reward_history(path.parent)
-        if hist is None and tracking and tracking.get("enabled", True):
-            from poserft.tracking import resolve_tracking_uri
-            uri = resolve_tracking_uri(tracking.get("tracking_uri"), results_dir)
-            hist = mlflow_reward_history(uri, tracking.get("experiment", "poserft"), variant, seed)
+        if hist is None and mlflow is not None:
+            hist = mlflow_reward_history(mlflow[0], mlflow[1], variant, seed)
         out[(variant, seed)] = list(hist or []) + heldout_points(summary)
     return out
 

@@ -11,7 +11,8 @@ Rows are variants (in config order); with several seeds a cell shows
   protocol 2 (N=32 candidates, R=10 repeats), per dataset.
 * Table 2 also has MPJPE / PA-MPJPE (mm) of the generated poses against the captions'
   ground-truth poses (yaw-free); they do not depend on the protocol and repeat on its rows.
-* Table 3, ablations: groups of variants (:data:`ABLATIONS`) on the key metrics.
+* Table 3, ablations: groups of variants (each variant's ``ablations`` in the config) on
+  the key metrics.
 
 Bounds (design.md, "Floors and ceilings"): given ``results/reference/metrics.json``
 (:func:`poserft.eval.runner.evaluate_reference`), every table also gets the rows
@@ -41,7 +42,7 @@ import numpy as np
 from poserft.atomic import write_text
 from poserft.eval.paper_results import PaperResult, paper_rows
 
-__all__ = ["Stat", "Column", "Row", "Table", "Ablation", "ABLATIONS", "DATASET_LABELS",
+__all__ = ["Stat", "Column", "Row", "Table", "Ablation", "ablations_from", "DATASET_LABELS",
            "MetricsFileError", "parse_run_path", "flatten_metrics", "load_runs",
            "aggregate_seeds", "aggregate_runs", "image2pose_table", "text2pose_table",
            "ablation_table", "render_markdown", "table_frame", "build_tables", "TABLE_FILES",
@@ -369,18 +370,17 @@ def text2pose_table(agg: Mapping[str, Mapping[str, Stat]], variants: Sequence[st
 
 @dataclass(frozen=True)
 class Ablation:
-    name: str
+    """One block of Table 3: the variants (names of config.yaml ``variants:``) that list
+    ``title`` in their ``ablations``."""
     title: str
     variants: tuple[str, ...]
 
 
-# Which variants each ablation compares (names of config.yaml `variants:`).
-ABLATIONS: tuple[Ablation, ...] = (
-    Ablation("components", "Distribution head and RFT (Table 3)", ("baseline", "dist", "dist_rft")),
-    Ablation("rl", "Discrete-only GRPO vs HyGRPO", ("grpo", "dist_rft")),
-    Ablation("encoder", "CLIP only vs pose-aware encoder", ("clip_only", "dist")),
-    Ablation("fusion", "Concatenated vs separate projection", ("concat_fusion", "dist")),
-)
+def ablations_from(groups: Mapping[str, Sequence[str]] | None) -> tuple[Ablation, ...]:
+    """``{title: [variant, ...]}`` (the Snakefile builds it from each variant's
+    ``ablations``, config order) -> Table 3's blocks."""
+    return tuple(Ablation(title, tuple(vs)) for title, vs in (groups or {}).items())
+
 
 _ABLATION_COLUMNS = [
     Column("MPJPE", "image2pose.synthetic.mpjpe"),
@@ -396,7 +396,7 @@ _FLOOR_GROUP, _CEILING_GROUP = "Floor (reference, not a model)", "Ceiling (refer
 
 
 def ablation_table(agg: Mapping[str, Mapping[str, Stat]],
-                   ablations: Sequence[Ablation] = ABLATIONS,
+                   ablations: Sequence[Ablation],
                    bounds: Mapping[str, Mapping[str, Stat]] | None = None) -> Table:
     """Table 3: one block of rows per ablation whose variants (at least two) have metrics,
     between a floor block (chance, mean pose) and a ceiling block (oracle) when ``bounds``."""
@@ -504,7 +504,8 @@ def _csv_text(frame) -> str:
 def build_tables(metrics_paths: Iterable[str | os.PathLike], out_paths: Mapping[str, str | os.PathLike],
                  variants: Mapping[str, str] | None = None, include_paper_numbers: bool = True,
                  paper: Sequence[PaperResult] | None = None,
-                 reference: str | os.PathLike | None = None) -> dict[str, Table]:
+                 reference: str | os.PathLike | None = None,
+                 ablations: Mapping[str, Sequence[str]] | None = None) -> dict[str, Table]:
     """Read the runs, write every file of :data:`TABLE_FILES` (atomically), return the tables.
 
     Args:
@@ -514,6 +515,8 @@ def build_tables(metrics_paths: Iterable[str | os.PathLike], out_paths: Mapping[
         paper: published rows (default :data:`poserft.eval.paper_results.PAPER_RESULTS`).
         reference: ``results/reference/metrics.json`` (rule evaluate_reference): adds the
             floor and ceiling rows (:data:`BOUND_LABELS`) to every table; None: no bounds.
+        ablations: ablation title -> its variants (from each variant's ``ablations`` in
+            the config); Table 3 has one block per title.
     """
     missing = [k for k in TABLE_FILES if k not in out_paths]
     if missing:
@@ -527,7 +530,7 @@ def build_tables(metrics_paths: Iterable[str | os.PathLike], out_paths: Mapping[
     published = paper if include_paper_numbers else []   # None: the recorded PAPER_RESULTS
     tables = {"image2pose": image2pose_table(agg, order, published, bounds),
               "text2pose": text2pose_table(agg, order, published, bounds),
-              "ablation": ablation_table(agg, bounds=bounds)}
+              "ablation": ablation_table(agg, ablations_from(ablations), bounds=bounds)}
     for name, table in tables.items():
         write_text(out_paths[f"{name}_md"], render_markdown(table))
         write_text(out_paths[f"{name}_csv"], _csv_text(table_frame(table)))

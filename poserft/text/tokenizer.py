@@ -157,7 +157,7 @@ def _fingerprint_file(out_file: Path) -> Path:
     return out_file.with_name(out_file.name + ".inputs.sha256")
 
 
-def build_project_tokenizer(cfg: TokenizerConfig | dict | None,
+def build_project_tokenizer(cfg: TokenizerConfig | None,
                             h5_paths: Sequence[str | os.PathLike],
                             out_path: str | os.PathLike,
                             extra_texts: Iterable[str] = ()) -> dict:
@@ -170,8 +170,7 @@ def build_project_tokenizer(cfg: TokenizerConfig | dict | None,
 
     Returns ``{"path", "vocab_size", "num_texts", "cached"}``.
     """
-    if cfg is None or isinstance(cfg, dict):
-        cfg = TokenizerConfig.from_dict(cfg, where="tokenizer")
+    cfg = TokenizerConfig.expect(cfg, "build_project_tokenizer: cfg")
     out_file = _resolve_file(out_path)
     texts = read_split_texts(h5_paths) + [str(t) for t in extra_texts]
     fp = _fingerprint(cfg, texts)

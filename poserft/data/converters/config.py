@@ -22,10 +22,9 @@ from urllib.parse import urlsplit
 
 from poserft.configbase import ConfigError, Section, option
 
-__all__ = ["DatasetSource", "DatasetsConfig", "DATASET_NAMES", "source_section", "is_source_dict",
-           "dataset_splits", "AmassSource",
-           "PoseScriptSource", "Pw3dSource", "H36mSource", "MpiInf3dhpSource", "CocoEftSource",
-           "MpiiEftSource", "BedlamScriptSource", "LlavaInstructSource"]
+__all__ = ["DatasetSource", "DatasetsConfig", "DATASET_NAMES", "source_section", "AmassSource",
+           "PoseScriptSource", "Pw3dSource", "H36mSource", "MpiInf3dhpSource", "EftSource",
+           "CocoEftSource", "MpiiEftSource", "BedlamScriptSource", "LlavaInstructSource"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -237,36 +236,56 @@ _EFT_BASE = "https://dl.fbaipublicfiles.com/eft/eft_fit_ver01/"
 
 
 @dataclass
-class CocoEftSource(DatasetSource):
-    """COCO 2014 images with EFT pseudo-ground-truth SMPL fits."""
+class EftSource(DatasetSource):
+    """Images with EFT pseudo-ground-truth SMPL fits (one EFT json per image collection).
 
-    homepage: str = option(
-        "https://github.com/facebookresearch/eft", "EFT fits are public (downloaded from "
-        "dl.fbaipublicfiles.com); the COCO 2014 train images come from "
-        "https://cocodataset.org (put train2014/ under `image_root`).")
+    The fields shared by every EFT dataset; the dataset-specific defaults (fit file,
+    image folder, help texts) are data in ``_EFT_DATASETS`` and become the defaults of
+    one subclass per dataset (:func:`_eft_source`), so that a partial override in the
+    config keeps the other defaults of that dataset.
+    """
+
     manual: bool = option(False, "EFT fits download without registration.")
-    urls: list[str] = option([_EFT_BASE + "COCO2014-All-ver01.json"], "EFT fit files to download.")
     extract: bool = option(False, "EFT files are plain JSON.")
-    files: list[str] = option(["COCO2014-All-ver01.json"], "EFT files expected under `root`.")
-    splits: dict[str, list[str]] = option(
-        {"train": ["COCO2014-All-ver01.json"]}, "Our split -> EFT json files under `root`.")
-    image_subdir: str = option("train2014", "Folder under `image_root` holding the images named by 'imageName'.")
+    image_subdir: str = option("", "Folder under `image_root` holding the images named by 'imageName'.")
 
 
-@dataclass
-class MpiiEftSource(DatasetSource):
-    """MPII images with EFT pseudo-ground-truth SMPL fits."""
+# dataset name -> (class name, summary, homepage help, EFT fit file, image folder)
+_EFT_DATASETS: dict[str, tuple[str, str, str, str, str]] = {
+    "coco_eft": (
+        "CocoEftSource", "COCO 2014 images with EFT pseudo-ground-truth SMPL fits.",
+        "EFT fits are public (downloaded from dl.fbaipublicfiles.com); the COCO 2014 train "
+        "images come from https://cocodataset.org (put train2014/ under `image_root`).",
+        "COCO2014-All-ver01.json", "train2014"),
+    "mpii_eft": (
+        "MpiiEftSource", "MPII images with EFT pseudo-ground-truth SMPL fits.",
+        "EFT fits are public; the MPII images come from http://human-pose.mpi-inf.mpg.de "
+        "(images/ under `image_root`).",
+        "MPII_ver01.json", "images"),
+}
 
-    homepage: str = option(
-        "https://github.com/facebookresearch/eft", "EFT fits are public; the MPII images come "
-        "from http://human-pose.mpi-inf.mpg.de (images/ under `image_root`).")
-    manual: bool = option(False, "EFT fits download without registration.")
-    urls: list[str] = option([_EFT_BASE + "MPII_ver01.json"], "EFT fit files to download.")
-    extract: bool = option(False, "EFT files are plain JSON.")
-    files: list[str] = option(["MPII_ver01.json"], "EFT files expected under `root`.")
-    splits: dict[str, list[str]] = option(
-        {"train": ["MPII_ver01.json"]}, "Our split -> EFT json files under `root`.")
-    image_subdir: str = option("images", "Folder under `image_root` holding the images named by 'imageName'.")
+
+def _eft_source(name: str) -> type[EftSource]:
+    """The section class of EFT dataset ``name``: :class:`EftSource` with its defaults."""
+    cls_name, summary, homepage_help, fit_file, subdir = _EFT_DATASETS[name]
+
+    @dataclass
+    class _Source(EftSource):
+        homepage: str = option("https://github.com/facebookresearch/eft", homepage_help)
+        urls: list[str] = option([_EFT_BASE + fit_file], "EFT fit files to download.")
+        files: list[str] = option([fit_file], "EFT files expected under `root`.")
+        splits: dict[str, list[str]] = option(
+            {"train": [fit_file]}, "Our split -> EFT json files under `root`.")
+        image_subdir: str = option(subdir, "Folder under `image_root` holding the images "
+                                           "named by 'imageName'.")
+
+    _Source.__name__ = _Source.__qualname__ = cls_name
+    _Source.__doc__ = summary
+    return _Source
+
+
+CocoEftSource = _eft_source("coco_eft")
+MpiiEftSource = _eft_source("mpii_eft")
 
 
 @dataclass
@@ -380,14 +399,3 @@ def source_section(name: str, value: DatasetSource | dict | None) -> DatasetSour
     return cls.from_dict(dict(value or {}), where=f"datasets.{name}")
 
 
-def is_source_dict(value: dict) -> bool:
-    """True if a non-empty plain dict holds a dataset section's keys (not the whole ``datasets``)."""
-    source_keys = {f.name for f in fields(DatasetSource)} | {
-        f.name for cls in _SOURCES.values() for f in fields(cls)}
-    return bool(value) and set(value) <= source_keys
-
-
-def dataset_splits(datasets: dict | None, name: str) -> list[str]:
-    """Splits configured for dataset ``name`` (for the Snakefile: stdlib-only, from the YAML dict)."""
-    cfg = DatasetsConfig.from_dict(dict(datasets or {}), where="datasets")
-    return list(cfg.source(name).splits)

@@ -125,10 +125,8 @@ def synthesize(cfg: SynthConfig | Mapping[str, Any], out_paths: Mapping[str, str
     Returns stats: per split ``{num_poses, num_captions, num_vqa, bytes, seconds, …}``
     and ``total_seconds``.
     """
-    if not isinstance(cfg, SynthConfig):
-        cfg = SynthConfig.from_dict(dict(cfg or {}), where="synth")
-    else:
-        cfg.check("synth")
+    cfg = SynthConfig.expect(cfg, "synthesize: cfg")
+    cfg.check("synth")
     unknown = sorted(set(cfg.archetypes) - set(POSTURES))
     if unknown:
         from poserft.configbase import ConfigError
