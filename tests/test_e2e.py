@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dict_diff import changed_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -124,17 +125,6 @@ def _params_change(proc: subprocess.CompletedProcess, rule: str) -> tuple[dict, 
     raise AssertionError(f"no params change of rule {rule} in:\n{text[-3000:]}")
 
 
-def _changed_keys(a: dict, b: dict, where: str = "") -> set[str]:
-    out = set()
-    for k in set(a) | set(b):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= _changed_keys(va, vb, f"{where}{k}.")
-        elif va != vb:
-            out.add(f"{where}{k}")
-    return out
-
-
 def test_nothing_to_do_after_a_complete_run(finished_run):
     assert _dry_run_with(finished_run, "same.yaml", {}) == {}
 
@@ -156,7 +146,7 @@ def test_a_nested_edit_changes_only_that_key_in_the_rule_params(finished_run, ov
     jobs = _dry_run_with(finished_run, "edit_lr.yaml", overlay, procs)
     assert jobs.get("rft") == 1 and not {"synthesize", "sft", "train_retrieval"} & set(jobs)
     before, now = _params_change(procs[0], "rft")
-    assert _changed_keys(before, now) == {"optim.lr"}
+    assert changed_keys(before, now) == {"optim.lr"}
     assert now["optim"]["lr"] == 2.0e-6 and now["optim"]["warmup_steps"] == 0
 
 

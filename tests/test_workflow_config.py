@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dict_diff import changed_keys
 from snakemake.utils import validate
 
 from poserft.config import ConfigError, full_schema, load_config, schema_yaml
@@ -102,18 +103,6 @@ def test_malformed_config_is_rejected_naming_the_key(mutate, key):
     assert key.split(".")[-1] in str(info.value)
 
 
-def _changed_keys(a: dict, b: dict, where: str = "") -> set[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    out = set()
-    for k in set(a) | set(b):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= _changed_keys(va, vb, f"{where}{k}.")
-        elif va != vb:
-            out.add(f"{where}{k}")
-    return out
-
-
 def test_a_partial_nested_section_changes_only_that_key():
     """`rft: {optim: {lr: X}}` must not reset optim's other keys to OptimConfig's class
     defaults (the rft section's own optim default has warmup 0 and a constant LR)."""
@@ -125,19 +114,19 @@ def test_a_partial_nested_section_changes_only_that_key():
     for variant in ("dist_rft", "grpo"):
         old = before.variant_params(variant, "rft", seed=0)
         new = after.variant_params(variant, "rft", seed=0)
-        assert _changed_keys(old, new) == {"optim.lr"}
+        assert changed_keys(old, new) == {"optim.lr"}
         assert new["optim"]["lr"] == 2.0e-6 and new["optim"]["warmup_steps"] == 0
     # the same through one variant's nested override: only that variant, only that key
     edited = copy.deepcopy(cfg)
     edited["variants"]["dist_rft"]["rft"]["optim"] = {"lr": 3.0e-6}
     after = load_config(edited)
-    assert _changed_keys(before.variant_params("dist_rft", "rft", 0),
+    assert changed_keys(before.variant_params("dist_rft", "rft", 0),
                          after.variant_params("dist_rft", "rft", 0)) == {"optim.lr"}
     assert before.variant_params("grpo", "rft", 0) == after.variant_params("grpo", "rft", 0)
     # and a nested engine override keeps the section's own engine defaults
     edited = copy.deepcopy(cfg)
     edited["sft"] = {"engine": {"log_every": 7}}
-    assert _changed_keys(before.variant_params("dist", "sft", 0),
+    assert changed_keys(before.variant_params("dist", "sft", 0),
                          load_config(edited).variant_params("dist", "sft", 0)) == {"engine.log_every"}
 
 
@@ -180,15 +169,20 @@ def test_rft_batch_group_invariant_names_both_keys():
     assert "group_size" in str(info.value)
 
 
-def test_snakemake_stops_before_any_job_on_a_bad_config(tmp_path):
+@pytest.mark.parametrize("bad_yaml, message", [
+    ("rft:\n  optim: {lrr: 1.0e-6}\n", "rft.optim.lrr: unknown key (did you mean 'lr'?)"),
+    ("body:\n  model: smpl\n  model_path: /nonexistent\n",
+     "body.model_path: /nonexistent does not exist"),
+], ids=["misspelt-key", "missing-smpl-files"])
+def test_snakemake_stops_before_any_job_on_a_bad_config(tmp_path, bad_yaml, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("rft:\n  optim: {lrr: 1.0e-6}\n")
+    bad.write_text(bad_yaml)
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1",
                            "--configfile", str(bad)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "rft.optim.lrr: unknown key (did you mean 'lr'?)" in out and str(bad) in out
+    assert message in out and str(bad) in out, out[-2000:]
     assert len(out.splitlines()) < 20, out   # not the section's whole JSON schema
     assert "Building DAG of jobs" not in out  # stopped while parsing, before planning any job
 
