@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 __all__ = ["CheckpointUnavailableError", "tiny_llava_config", "build_tiny_backbone",
-           "load_pretrained_backbone"]
+           "load_pretrained_backbone", "cast_parameters", "set_backbone_dtype",
+           "record_config_dtype"]
 
 
 class CheckpointUnavailableError(RuntimeError):
@@ -41,8 +42,13 @@ def tiny_llava_config(cfg, vocab_size: int, image_token_id: int, pad_token_id: i
                        projector_hidden_act="gelu", tie_word_embeddings=False)
 
 
-def build_tiny_backbone(cfg, tokenizer):
-    """Random-init tiny LLaVA sized for ``tokenizer`` (seeded by ``cfg.seed``)."""
+def build_tiny_backbone(cfg, tokenizer, dtype=None, attn_implementation: str | None = None):
+    """Random-init tiny LLaVA sized for ``tokenizer`` (seeded by ``cfg.seed``).
+
+    The weights are drawn in float32 (so a seed gives the same model whatever ``dtype``) and
+    then cast to ``dtype`` (a ``torch.dtype``; None: float32). ``attn_implementation``
+    (None: ``cfg.attn_implementation``) is passed to transformers as for a checkpoint.
+    """
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -52,7 +58,39 @@ def build_tiny_backbone(cfg, tokenizer):
                                   tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return LlavaForConditionalGeneration(llava_cfg)
+        model = LlavaForConditionalGeneration._from_config(
+            llava_cfg, attn_implementation=attn_implementation or cfg.attn_implementation,
+            dtype=torch.float32)
+    if dtype is not None and dtype != torch.float32:
+        set_backbone_dtype(model, dtype)
+    return model
+
+
+def cast_parameters(module, dtype) -> None:
+    """Cast every floating PARAMETER of ``module`` to ``dtype`` in place: the parameter
+    objects stay (ties, optimizer references); buffers stay as they are (the LLM's rotary
+    frequencies remain float32, as transformers keeps them)."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def set_backbone_dtype(model, dtype) -> None:
+    """:func:`cast_parameters` of a LLaVA backbone, recorded in its config."""
+    cast_parameters(model, dtype)
+    record_config_dtype(model.config, dtype)
+
+
+def record_config_dtype(config, dtype) -> None:
+    """Set ``config.dtype`` (and its sub-configs') to ``dtype``, as from_pretrained does."""
+    config.dtype = dtype
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            sub.dtype = dtype
 
 
 def _hub_offline() -> bool:
@@ -60,14 +98,19 @@ def _hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def load_pretrained_backbone(checkpoint: str):
+def load_pretrained_backbone(checkpoint: str, dtype=None, attn_implementation: str = "sdpa"):
     """``LlavaForConditionalGeneration.from_pretrained`` + its tokenizer extended with
     ``<image>``/``<POSE>`` (embeddings resized when tokens were added).
+
+    ``dtype`` (a ``torch.dtype``; None: float32) is the dtype the weights are loaded in,
+    whatever the checkpoint stores (released LLaVA weights are float16; transformers 5 would
+    otherwise keep that); ``attn_implementation`` selects the attention kernel.
 
     Tries, in order: a local directory; the local HF cache (``local_files_only``); the hub
     (skipped when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set). Raises
     :class:`CheckpointUnavailableError` listing every attempt.
     """
+    import torch
     from transformers import LlavaForConditionalGeneration
 
     from poserft.model.config import IMAGE_TOKEN
@@ -81,7 +124,9 @@ def load_pretrained_backbone(checkpoint: str):
         where = ("local directory" if is_dir else
                  "local HF cache (local_files_only)" if local_only else "hub download")
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(checkpoint, local_files_only=local_only)
+            model = LlavaForConditionalGeneration.from_pretrained(
+                checkpoint, local_files_only=local_only, dtype=dtype or torch.float32,
+                attn_implementation=attn_implementation)
             tokenizer, n_added = extend_pretrained_tokenizer(checkpoint, local_files_only=local_only)
             break
         except Exception as exc:  # OSError, HF hub errors, tokenizer errors: all reported below
@@ -103,4 +148,7 @@ def load_pretrained_backbone(checkpoint: str):
     model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if tokenizer.pad_token_id is not None:
         model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    # the policy holds one dtype, also where a model class keeps modules in float32
+    # (_keep_in_fp32_modules) and for rows added by resize_token_embeddings
+    set_backbone_dtype(model, dtype or torch.float32)
     return model, tokenizer

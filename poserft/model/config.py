@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from poserft.configbase import ConfigError, Section, option
 
-__all__ = ["PoseViTConfig", "ModelConfig", "PoseEncoderConfig", "POSE_TOKEN", "IMAGE_TOKEN",
-           "DEFAULT_FORMAT_REGEX"]
+__all__ = ["PoseViTConfig", "LoraConfig", "ModelConfig", "PoseEncoderConfig", "POSE_TOKEN",
+           "IMAGE_TOKEN", "DEFAULT_FORMAT_REGEX", "DTYPES"]
 
 # Placeholder tokens shared with poserft.text.tokenizer (kept literal so this file stays
 # stdlib-only).
@@ -29,6 +29,8 @@ POSE_TOKEN = "<POSE>"
 # A well-formatted answer of a pose prompt: the default ``ModelConfig.pose_answer`` up to
 # whitespace (default of rft.format_regex, the format reward, and eval.format_regex).
 DEFAULT_FORMAT_REGEX = r"\s*The\s+SMPL\s+pose\s+of\s+this\s+person\s+is\s*<POSE>\s*\.\s*"
+# Values of model.dtype ("auto": bfloat16 where the policy runs on CUDA, float32 on CPU).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -80,6 +82,47 @@ class PoseViTConfig(Section):
 
 
 @dataclass
+class LoraConfig(Section):
+    """LoRA adapters (through peft) on the LLM's linear layers; the LLM's own weights frozen."""
+
+    enabled: bool = option(
+        False, "Wrap the LLM (the LLaVA text model) with peft LoRA adapters: its base weights "
+               "(and the LM head) are frozen and only the adapters train; the projections, the "
+               "pose encoder (unless freeze_vision) and the pose head train fully as without "
+               "LoRA. The RFT reference is then the policy with the adapters switched off "
+               "(PoseMLLM.adapters_disabled()).")
+    r: int = option(8, "Rank of each adapter (B @ A with A (r, in), B (out, r)).", minimum=1)
+    alpha: int = option(16, "LoRA alpha: the adapter output is scaled by alpha / r.", minimum=1)
+    dropout: float = option(0.05, "Dropout on the adapter input (training only).", minimum=0.0,
+                            maximum=0.9)
+    target_modules: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "Names of the LLM's linear layers that get adapters (peft target_modules: a name "
+        "matches a module whose path ends with it), e.g. add gate_proj, up_proj, down_proj "
+        "for the MLPs.")
+    train_lm_head: bool = option(
+        True, "Train the LM head fully beside the adapters (the LISA recipe ChatPose follows "
+              "trains lm_head and embeddings): the rows of the added <POSE>/<image> tokens start "
+              "random, and with a frozen LM head the policy learns to emit <POSE> far more "
+              "slowly (measured on the tiny fp16 stand-in: 0% answer format after 40 SFT steps "
+              "with it frozen). The RFT reference (adapters off) restores its SFT values.")
+    export: str = option(
+        "merged", "What save_policy writes: merged (the adapters folded into the LLM weights: "
+        "a plain policy whose weights load without peft; load_policy puts fresh, zero-output "
+        "adapters on top when lora.enabled, so RFT continues with LoRA and its reference is "
+        "the merged SFT policy) or adapter (the frozen base weights plus the adapter weights "
+        "as they are).", choices=("merged", "adapter"))
+
+    def check(self, where: str) -> None:
+        if self.enabled and not self.target_modules:
+            raise ConfigError(f"{where}.target_modules is empty but {where}.enabled is true; "
+                              "name the LLM's linear layers to adapt (e.g. [q_proj, v_proj])")
+        bad = [m for m in self.target_modules if not m or any(c.isspace() for c in m)]
+        if bad:
+            raise ConfigError(f"{where}.target_modules: {bad[0]!r} is not a module name")
+
+
+@dataclass
 class ModelConfig(Section):
     """Pose MLLM: LLaVA-style backbone, vision encoders + fusion, pose head, prompt format."""
 
@@ -88,6 +131,24 @@ class ModelConfig(Section):
               "LlavaForConditionalGeneration.from_pretrained. null: build a tiny random model "
               "from the sizes below (the embedded world). Hubs are unreachable offline: use a "
               "local path.")
+    # --- precision, attention kernel, memory, adapters
+    dtype: str = option(
+        "auto", "Floating dtype of the whole policy: the checkpoint is loaded in it and every "
+        "parameter (LLaVA, pose encoder, projections, pose head) is cast to it; the pose "
+        "head's density maths run in float32 whatever it is. auto: bfloat16 where the policy "
+        "runs on CUDA, float32 on CPU. float16 is for inference only (no loss scaling).",
+        choices=DTYPES)
+    attn_implementation: str = option(
+        "sdpa", "Attention kernel of the HF backbone (LLM and CLIP), for a checkpoint and for "
+        "the tiny model alike: sdpa (torch scaled_dot_product_attention), eager, or "
+        "flash_attention_2 (needs the flash-attn package and a CUDA GPU; a policy loaded "
+        "on CPU falls back to sdpa).", choices=("sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass instead of storing them (HF "
+               "gradient checkpointing, non-reentrant) in the LLM's decoder layers and in the "
+               "vision towers that train and support it; active in training mode only. "
+               "Trades ~30% more compute for much less activation memory (paper scale).")
+    lora: LoraConfig = option(LoraConfig(), "LoRA adapters on the LLM (peft).")
     # --- tiny text model (ignored when checkpoint is set)
     text_hidden_size: int = option(64, "LLM width (tiny model; 64 learnt image->pose faster than "
                                    "128 per CPU minute, docs/embedded_world.md).", minimum=8)
@@ -140,6 +201,10 @@ class ModelConfig(Section):
     seed: int = option(0, "Seed of the random initialisation.")
 
     def check(self, where: str) -> None:
+        if self.attn_implementation == "flash_attention_2" and self.dtype == "float32":
+            raise ConfigError(f"{where}.attn_implementation=flash_attention_2 needs "
+                              f"{where}.dtype bfloat16, float16 or auto (GPU: bfloat16), not "
+                              "float32; or use sdpa")
         if self.log_std_min >= self.log_std_max:
             raise ConfigError(f"{where}.log_std_min ({self.log_std_min}) must be < "
                               f"{where}.log_std_max ({self.log_std_max})")

@@ -91,6 +91,8 @@ class VisionFusion(nn.Module):
         if clip_tokens.shape[1] != self.num_tokens:
             raise ValueError(f"VisionFusion: expected {self.num_tokens} CLIP tokens, got "
                              f"{clip_tokens.shape[1]}")
+        # the projectors' dtype (the policy's): encoders of another dtype meet it here
+        clip_tokens = clip_tokens.to(next(self.parameters()).dtype)
         if self.mode == "clip_only":
             return self.proj_clip(clip_tokens)
         if pose_tokens is None:

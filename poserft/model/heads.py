@@ -13,14 +13,17 @@ Two heads share one interface so that SFT, RFT and evaluation never branch on th
   (``log_prob``/``entropy``/``kl`` raise :class:`UndefinedForDeterministicHead`).
 
 All density math is closed form (Woodbury identity and the matrix-determinant lemma for
-the low-rank part), batched over rows, in float32 whatever the backbone dtype.
+the low-rank part), batched over rows, in float32 whatever the backbone dtype: a
+:class:`PoseGaussian` upcasts bfloat16/float16 mean, std and factor to float32 when built
+(float64 stays float64), and its log_prob / entropy / kl / sampling run with autocast
+disabled, so they stay float32 under bf16 autocast (torch or DeepSpeed) and bf16 weights.
 Samples are mapped to SMPL axis-angle by :func:`pose_to_smpl` (``poserft.body``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
+import functools
 import math
 
 import torch
@@ -31,6 +34,24 @@ __all__ = ["POSE_DIM", "beta_nll", "joint_distances", "PoseGaussian", "PointPose
 
 POSE_DIM = 144  # 24 joints x 6D rotation (poserft.body.POSE_DIM)
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """bfloat16/float16 -> float32 (differentiable); float32/float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False)
+
+
+def _full_precision(fn):
+    """Run a PoseGaussian method with autocast disabled (its tensors are >= float32)."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with _no_autocast(self._mean.device.type):
+            return fn(self, *args, **kwargs)
+    return wrapper
 
 
 class UndefinedForDeterministicHead(NotImplementedError):
@@ -46,8 +67,13 @@ def beta_nll(mean: torch.Tensor, std: torch.Tensor, target: torch.Tensor, beta: 
     beta = 0 is the plain NLL per dimension (``-log p(x) / k``); beta = 1 gives the mean
     the gradient of a mean squared error. Plain NLL divides each dimension's mean gradient
     by its variance, so dimensions the head is sure about dominate and hard ones stall.
-    mean, std, target: (B,k).
+    mean, std, target: (B,k); computed in at least float32, autocast off.
     """
+    with _no_autocast(mean.device.type):
+        return _beta_nll(_upcast(mean), _upcast(std), target, beta)
+
+
+def _beta_nll(mean, std, target, beta):
     z = (target.to(mean.dtype) - mean) / std
     nll = 0.5 * z.pow(2) + std.log() + 0.5 * _LOG_2PI                    # (B,k)
     if beta == 0:
@@ -92,6 +118,8 @@ class PoseGaussian:
     """Batch of Gaussians ``N(mean, diag(std^2) + factor @ factor^T)``.
 
     Shapes: ``mean`` (B,k), ``std`` (B,k), ``factor`` (B,k,r) or None (diagonal).
+    bfloat16/float16 inputs are upcast to float32 (with gradient); every density and sample
+    is computed with autocast off, so results are float32 (float64 for float64 inputs).
     A dataclass only so that DistributedDataParallel finds the tensors inside a model output
     that holds one (it searches dataclass fields, not plain attributes); otherwise DDP
     thinks the pose head unused and then fails with "marked ready twice".
@@ -108,7 +136,8 @@ class PoseGaussian:
         if factor is not None and (factor.dim() != 3 or factor.shape[:2] != mean.shape):
             raise ValueError(f"PoseGaussian: factor {tuple(factor.shape)} must be (B,k,r) "
                              f"with (B,k) = {tuple(mean.shape)}")
-        self._mean, self.std, self.factor = mean, std, factor
+        self._mean, self.std = _upcast(mean), _upcast(std)
+        self.factor = None if factor is None else _upcast(factor)
         self._cap_chol: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ structure
@@ -141,6 +170,7 @@ class PoseGaussian:
         f = None if self.factor is None else self.factor.detach()
         return PoseGaussian(self._mean.detach(), self.std.detach(), f)
 
+    @_full_precision
     def covariance_matrix(self) -> torch.Tensor:
         """(B,k,k) dense covariance (for tests and small batches)."""
         cov = torch.diag_embed(self.variance_diag)
@@ -148,6 +178,7 @@ class PoseGaussian:
             cov = cov + self.factor @ self.factor.transpose(-1, -2)
         return cov
 
+    @_full_precision
     def _capacitance_chol(self) -> torch.Tensor:
         """Cholesky of ``C = I_r + W^T D^{-1} W`` (B,r,r), cached."""
         if self._cap_chol is None:
@@ -158,6 +189,7 @@ class PoseGaussian:
         return self._cap_chol
 
     # ------------------------------------------------------------------ densities
+    @_full_precision
     def log_det_cov(self) -> torch.Tensor:
         """(B,) log|Sigma| (matrix-determinant lemma for the low-rank part)."""
         out = 2.0 * self.std.log().sum(-1)
@@ -165,6 +197,7 @@ class PoseGaussian:
             out = out + 2.0 * self._capacitance_chol().diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return out
 
+    @_full_precision
     def _precision_quadratic(self, z: torch.Tensor) -> torch.Tensor:
         """(B,) z^T Sigma^{-1} z for z (B,k) (Woodbury)."""
         a = z / self.variance_diag                                     # D^{-1} z
@@ -175,16 +208,19 @@ class PoseGaussian:
             out = out - (b * c_inv_b).sum((-1, -2))
         return out
 
+    @_full_precision
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) log density of x (B,k) (or (k,), broadcast over rows)."""
         x = x.to(self._mean.dtype)
         quad = self._precision_quadratic(x - self._mean)
         return -0.5 * (self.pose_dim * _LOG_2PI + self.log_det_cov() + quad)
 
+    @_full_precision
     def entropy(self) -> torch.Tensor:
         """(B,) differential entropy 0.5 k (1 + log 2 pi) + 0.5 log|Sigma|."""
         return 0.5 * self.pose_dim * (1.0 + _LOG_2PI) + 0.5 * self.log_det_cov()
 
+    @_full_precision
     def kl(self, other: "PoseGaussian") -> torch.Tensor:
         """(B,) analytic KL(self || other) between two Gaussians (any ranks)."""
         if not isinstance(other, PoseGaussian):
@@ -207,6 +243,7 @@ class PoseGaussian:
         return 0.5 * (trace + quad - k + other.log_det_cov() - self.log_det_cov())
 
     # ------------------------------------------------------------------ samples
+    @_full_precision
     def rsample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B,k) reparameterised sample (differentiable in mean/std/factor)."""
         eps = torch.randn(self._mean.shape, generator=generator, dtype=self._mean.dtype,
@@ -233,7 +270,7 @@ class PointPose:
     def __init__(self, mean: torch.Tensor):
         if mean.dim() != 2:
             raise ValueError(f"PointPose: mean must be (B,k), got {tuple(mean.shape)}")
-        self._mean = mean
+        self._mean = _upcast(mean)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -319,17 +356,18 @@ class GaussianPoseHead(nn.Module):
         return self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1.0)
 
     def forward(self, hidden: torch.Tensor) -> PoseGaussian:
-        # Densities in the head's own dtype (float32), never under bf16 autocast: log|Sigma|
-        # and the Mahalanobis term of a 144-D Gaussian lose too many digits in bf16.
-        with torch.autocast(hidden.device.type, enabled=False):
+        # The layers run in the head's dtype (the policy's), never under autocast; the
+        # squashing and everything after in float32: log|Sigma| and the Mahalanobis term of
+        # a 144-D Gaussian lose too many digits in bf16.
+        with _no_autocast(hidden.device.type):
             h = self.trunk(hidden.to(self.mean_out.weight.dtype))
-            mean = self.mean_out(h)
-            std = self.squash_log_std(self.log_std_out(h)).exp()
+            mean = _upcast(self.mean_out(h))
+            std = self.squash_log_std(_upcast(self.log_std_out(h))).exp()
             factor = None
             if self.factor_out is not None:
-                raw = self.factor_out(h).view(-1, self.pose_dim, self.rank)
+                raw = _upcast(self.factor_out(h)).view(-1, self.pose_dim, self.rank)
                 factor = self.factor_max * torch.tanh(raw)
-        return PoseGaussian(mean, std, factor)
+            return PoseGaussian(mean, std, factor)
 
 
 class DeterministicPoseHead(nn.Module):
@@ -344,7 +382,7 @@ class DeterministicPoseHead(nn.Module):
                      else torch.zeros(pose_dim))
 
     def forward(self, hidden: torch.Tensor) -> PointPose:
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _no_autocast(hidden.device.type):
             return PointPose(self.mean_out(self.trunk(hidden.to(self.mean_out.weight.dtype))))
 
 

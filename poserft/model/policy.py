@@ -19,6 +19,9 @@ and must be masked by the caller.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -31,7 +34,79 @@ from poserft.model.heads import POSE_DIM, PointPose, PoseGaussian, beta_nll, bui
     joint_distances
 from poserft.model.vision import PoseViTEncoder, clip_grid, clip_patch_features, to_unit_images
 
-__all__ = ["Rollout", "ScoreOutput", "PoseMLLM", "build_policy"]
+__all__ = ["Rollout", "ScoreOutput", "PoseMLLM", "build_policy", "resolve_device",
+           "resolve_dtype", "cast_policy", "NoLoraError"]
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class NoLoraError(RuntimeError):
+    """A LoRA-only operation was asked of a policy without adapters (model.lora.enabled false)."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` -> the current CUDA device when one is visible, else CPU; ``"cpu"``,
+    ``"cuda"``, ``"cuda:k"`` or a ``torch.device`` as given; None -> CPU (the caller, e.g.
+    the training engine, places the policy itself)."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is visible; use cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None
+                  ) -> torch.dtype:
+    """``model.dtype`` (a name of :data:`poserft.model.config.DTYPES` or a ``torch.dtype``) as
+    a ``torch.dtype``. ``auto``/None: bfloat16 where the policy runs on CUDA, float32 on CPU;
+    "where it runs" is ``device`` when given, else CUDA whenever a GPU is visible (the
+    training engine's ``device: auto`` moves the policy there)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype}: expected float32, bfloat16 or float16")
+        return dtype
+    if dtype is None or dtype == "auto":
+        on_cuda = (torch.cuda.is_available() if device is None or str(device) == "auto"
+                   else torch.device(device).type == "cuda")
+        return torch.bfloat16 if on_cuda else torch.float32
+    try:
+        return _DTYPE_NAMES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16") from None
+
+
+def cast_policy(model: "PoseMLLM", dtype: torch.dtype) -> "PoseMLLM":
+    """Cast every floating PARAMETER of the policy to ``dtype`` in place (parameter objects,
+    and so ties and optimizer references, are kept; buffers such as the LLM's float32 rotary
+    frequencies are left alone) and record it in the LLaVA config."""
+    from poserft.model.backbone import cast_parameters, record_config_dtype
+    cast_parameters(model, dtype)
+    record_config_dtype(model.backbone.config, dtype)
+    return model
+
+
+def _enable_checkpointing(module: nn.Module) -> None:
+    """HF activation checkpointing (non-reentrant) on ``module``'s layers that support it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5.x name
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # non-reentrant checkpointing needs no input grads; the hooks HF adds for the reentrant
+    # kind would set requires_grad on embedding outputs (refused under inference_mode)
+    if getattr(module, "_require_grads_hooks", None):
+        module.disable_input_require_grads()
 
 
 @dataclass
@@ -165,8 +240,89 @@ class PoseMLLM(nn.Module):
         return next(self.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The policy's floating dtype (one for all parameters after build/load_policy)."""
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    @property
     def language_model(self) -> nn.Module:
+        """The LLM (decoder without LM head); a ``peft.PeftModel`` around it with LoRA."""
         return self.backbone.model.language_model
+
+    # ------------------------------------------------------------------ LoRA / memory
+    @property
+    def has_lora(self) -> bool:
+        """True when the LLM carries peft LoRA adapters (:meth:`apply_lora`)."""
+        peft = sys.modules.get("peft")
+        return peft is not None and isinstance(self.language_model, peft.PeftModel)
+
+    def apply_lora(self) -> "PoseMLLM":
+        """Wrap the LLM with peft LoRA adapters of ``config.lora`` (r, alpha, dropout,
+        target_modules), in the policy's dtype; freezes the LLM's own weights, and the LM head
+        unless ``lora.train_lm_head``.
+        The projections, the pose encoder (unless ``freeze_vision``) and the pose head keep
+        training. :func:`build_policy` / ``load_policy`` call this when ``lora.enabled``."""
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        if self.has_lora:
+            raise RuntimeError("PoseMLLM.apply_lora: the policy already has LoRA adapters")
+        lc = self.config.lora
+        dtype = self.dtype
+        peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                  target_modules=list(lc.target_modules), bias="none")
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(self.config.seed + 2)     # adapter init: seeded, RNG left alone
+            # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+            try:
+                wrapped = get_peft_model(self.language_model, peft_cfg,
+                                         autocast_adapter_dtype=False)
+            except ValueError as exc:   # e.g. no module matches target_modules
+                raise ValueError(f"model.lora.target_modules={list(lc.target_modules)}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+        self.backbone.model.language_model = wrapped
+        self.backbone.lm_head.requires_grad_(bool(lc.train_lm_head))
+        cast_policy(self, dtype)     # adapters in the policy's one dtype
+        return self
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Context in which the policy computes with its LLM as the base model, without the
+        LoRA adapters (peft ``disable_adapter()``): the frozen reference of RFT without a
+        second copy of the LLM. Only the LLM changes: the projections, pose encoder and pose
+        head are the current ones. :class:`NoLoraError` if the policy has no adapters."""
+        if not self.has_lora:
+            raise NoLoraError("PoseMLLM.adapters_disabled: the policy has no LoRA adapters "
+                              "(model.lora.enabled is false); keep a frozen copy of the "
+                              "policy as the reference instead")
+        with self.language_model.disable_adapter():
+            yield self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing in the LLM's decoder layers and in the vision towers
+        that train and support it (HF models; the conv pose encoder has none)."""
+        _enable_checkpointing(self.backbone)   # LLM + CLIP tower (frozen: stores nothing anyway)
+        enc = self.pose_encoder
+        hf = getattr(enc, "backbone", None)
+        if hf is not None and getattr(hf, "supports_gradient_checkpointing", False) \
+                and not self.config.freeze_vision:
+            _enable_checkpointing(hf)
+
+    @contextlib.contextmanager
+    def _checkpointing_off(self):
+        """Switch HF activation checkpointing off (generation in training mode: with it on,
+        transformers drops the KV cache, silently breaking cached decoding)."""
+        # own attribute only: peft wrappers forward attribute reads to the model they wrap
+        flagged = [m for m in self.modules() if vars(m).get("gradient_checkpointing") is True] \
+            if self.training else []
+        for m in flagged:
+            m.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for m in flagged:
+                m.gradient_checkpointing = True
 
     def body_model(self):
         if self._body is None:
@@ -286,6 +442,12 @@ class PoseMLLM(nn.Module):
             raise ValueError(f"num_samples ({num_samples}) and max_new_tokens ({max_new_tokens}) must be >= 1")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        with self._checkpointing_off():
+            return self._generate(prompts, images, num_samples, max_new_tokens, temperature,
+                                  do_sample, generator)
+
+    def _generate(self, prompts, images, num_samples, max_new_tokens, temperature, do_sample,
+                  generator) -> Rollout:
         g = num_samples
         batch = self.build_inputs(prompts, images)
         embeds = self.embed_prompts(batch)
@@ -507,22 +669,37 @@ class PoseMLLM(nn.Module):
         return joint_distances(self.body_model(), pred, target, frame)
 
 
-def build_policy(config: ModelConfig | None, tokenizer=None) -> PoseMLLM:
+def build_policy(config: ModelConfig | None, tokenizer=None,
+                 device: str | torch.device | None = None) -> PoseMLLM:
     """A fresh policy from ``model`` config: pretrained LLaVA (``config.checkpoint``, its own
-    tokenizer extended) or the tiny random model (needs the project ``tokenizer``)."""
+    tokenizer extended) or the tiny random model (needs the project ``tokenizer``).
+
+    Every parameter ends in one dtype, ``config.dtype`` resolved by :func:`resolve_dtype`
+    against ``device`` (None: left on CPU for the caller to place; ``auto`` then means
+    bfloat16 when a GPU is visible). LoRA adapters (``config.lora.enabled``) and activation
+    checkpointing (``config.gradient_checkpointing``) are applied here.
+    """
     from poserft.model.backbone import build_tiny_backbone, load_pretrained_backbone
     from poserft.model.vision import build_pose_vit
 
     config = ModelConfig.expect(config, "build_policy: config")
+    dtype = resolve_dtype(config.dtype, device)
+    place = resolve_device(device)
     if config.checkpoint:
-        backbone, tokenizer = load_pretrained_backbone(config.checkpoint)
+        backbone, tokenizer = load_pretrained_backbone(config.checkpoint, dtype,
+                                                       config.attn_implementation)
     else:
         if tokenizer is None:
             raise ValueError("build_policy: model.checkpoint is null (tiny model), so the project "
                              "tokenizer must be given (poserft.text.tokenizer.load_tokenizer)")
-        backbone = build_tiny_backbone(config, tokenizer)
+        backbone = build_tiny_backbone(config, tokenizer, dtype, config.attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
         encoder = None if config.fusion == "clip_only" else build_pose_vit(config.pose_vit)
         model = PoseMLLM(config, tokenizer, backbone, encoder)
-    return model
+    cast_policy(model, dtype)     # the new parts (pose encoder, projections, head) too
+    if config.lora.enabled:
+        model.apply_lora()
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.to(place)

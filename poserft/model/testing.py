@@ -48,7 +48,10 @@ def tiny_model_config(**overrides):
              head_hidden_size=32,
              # toy tests train the encoders from scratch (the embedded default freezes them
              # because its pose encoder comes pretrained)
-             freeze_vision=False)
+             freeze_vision=False,
+             # float32 whatever the machine (dtype auto would be bfloat16 where a GPU is
+             # visible); tests compare outputs to float32 precision
+             dtype="float32")
     d.update(overrides)
     return ModelConfig.from_dict(d, where="model")
 
