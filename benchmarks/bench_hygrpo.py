@@ -14,13 +14,25 @@ tokenizer and taught the answer format for a few supervised steps (so that candi
 ``<POSE>`` and the continuous branch has work); without ``--split`` a random split file is
 written to a temp folder; without ``--reward-model`` an untrained retrieval model of the
 default ``retrieval`` section scores the semantic reward (the cost is what matters here).
+
+Rollout memory (``rft.rollout_chunk_size``): after the timing, one rollout of the same batch
+(B prompts x G) per value of ``--chunk-sizes`` (default 0 = all prompts in one generate call,
+and 1 = one prompt per call), each in a fresh process, reporting its peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` (and the part above what was allocated before the
+rollout: weights, inputs), on CPU the process's peak RSS (``resource.getrusage``;
+the rollout's part is the peak minus the RSS before the rollout). ``--memory-only`` skips
+the timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +71,78 @@ def _reward_model_dir(tmp: Path, tokenizer) -> Path:
     return tmp / "reward"
 
 
+def _rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux: /proc/self/clear_refs 5), so
+    that getrusage's peak covers only what follows (loading transients left out)."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)       # give freed heap back first
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rollout_memory_child(args) -> None:
+    """One rollout of step 0's batch with ``rollout_chunk_size = args.rollout_memory``, in
+    this (fresh) process; prints one JSON line with its peak memory."""
+    from poserft.eval.runner import load_policy_on, resolve_device
+    from poserft.rl.rollout import PromptSampler, generate_group
+    from poserft.train.data import SFTTaskData
+
+    dev = resolve_device("auto")
+    policy = load_policy_on(args.policy, dev)
+    mix = {"image2pose": 0.5, "text2pose": 0.5}
+    batch = PromptSampler(SFTTaskData(args.split, policy.config, mix), mix).sample(0, args.batch_size)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2 ** 20
+    else:
+        reset = _reset_peak_rss()
+        before = _rss_mb()      # after a reset: the current RSS; else the peak so far
+    t0 = time.perf_counter()
+    roll = generate_group(policy, batch, args.group_size, 24, 1.0, gen,
+                          chunk_size=args.rollout_memory)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = _rss_mb()
+    print(json.dumps({"chunk": args.rollout_memory, "device": str(dev),
+                      "peak_reset": dev.type == "cuda" or reset, "before_mb": before,
+                      "peak_mb": peak, "rollout_mb": peak - before,
+                      "seconds": time.perf_counter() - t0, "rows": len(roll),
+                      "completion_len": int(roll.completion_ids.shape[1])}))
+
+
+def rollout_memory(policy_dir: Path, split: Path, args) -> list[dict]:
+    """:func:`rollout_memory_child` in a fresh process per chunk size (a process's peak
+    RSS cannot be reset, and a fresh CUDA context has no cached blocks)."""
+    out = []
+    for chunk in (int(c) for c in args.chunk_sizes.split(",")):
+        cmd = [sys.executable, __file__, "--rollout-memory", str(chunk), "--policy", str(policy_dir),
+               "--split", str(split), "--batch-size", str(args.batch_size),
+               "--group-size", str(args.group_size), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"rollout memory child (chunk {chunk}) failed:\n{proc.stderr[-3000:]}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", help="SFT policy dir (load_policy); default: build the tiny default")
@@ -70,16 +154,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     ap.add_argument("--teach-steps", type=int, default=40)
+    ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                    help="model section override of the built policy (without --policy), "
+                         "e.g. --model text_hidden_size=512 --model text_layers=8")
+    ap.add_argument("--chunk-sizes", default="0,1",
+                    help="rft.rollout_chunk_size values whose rollout peak memory is measured "
+                         "(comma-separated; empty: skip)")
+    ap.add_argument("--memory-only", action="store_true", help="skip the step timing")
+    ap.add_argument("--rollout-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rollout_memory is not None:
+        rollout_memory_child(args)
+        return
 
     from poserft.model.io import load_policy
-    from poserft.rl import trainer as T
-    from poserft.rl.config import RFTConfig
-    from poserft.rl.rollout import PromptSampler
-    from poserft.train.data import SFTTaskData
-    from poserft.train.engine import TrainEngine
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_hygrpo_"))
     torch.manual_seed(0)
@@ -92,11 +182,50 @@ def main() -> None:
         from poserft.model.policy import build_policy
         from poserft.model.testing import make_test_tokenizer
         from poserft.train.testing import teach_answer_format
-        base = build_policy(ModelConfig(), make_test_tokenizer(tmp))
+        overrides = {}
+        for item in args.model:
+            key, _, value = item.partition("=")
+            try:
+                overrides[key] = json.loads(value)
+            except json.JSONDecodeError:
+                overrides[key] = value
+        base = build_policy(ModelConfig.from_dict(overrides, where="model"),
+                            make_test_tokenizer(tmp))
         teach_answer_format(base, split, args.teach_steps)
-        source = f"default model section, {args.teach_steps} format-teaching steps"
+        source = (f"model section {overrides or 'default'}, {args.teach_steps} "
+                  "format-teaching steps")
     reward_dir = Path(args.reward_model) if args.reward_model else _reward_model_dir(tmp, base.tokenizer)
     n_params = sum(p.numel() for p in base.parameters())
+    print(f"policy: {source} ({n_params / 1e6:.2f} M parameters); torch threads "
+          f"{torch.get_num_threads()}")
+    if not args.memory_only:
+        time_steps(base, split, reward_dir, tmp, args)
+    if args.chunk_sizes:
+        policy_dir = Path(args.policy) if args.policy else tmp / "policy"
+        if not args.policy:
+            from poserft.model.io import save_policy
+            save_policy(base, policy_dir)
+        rows = rollout_memory(policy_dir, split, args)
+        print(f"rollout memory: {args.batch_size} prompts x G={args.group_size}, one fresh "
+              f"process per chunk size, {rows[0]['device']}; "
+              + ("torch.cuda.max_memory_allocated" if rows[0]["device"].startswith("cuda")
+                 else "peak RSS (getrusage" + (", reset before the rollout)"
+                                               if rows[0]["peak_reset"] else ")")))
+        print(f"{'chunk':<8}{'peak (MiB)':>12}{'rollout (MiB)':>15}{'time (s)':>10}")
+        for r in rows:
+            print(f"{r['chunk']:<8}{r['peak_mb']:>12.1f}{r['rollout_mb']:>15.1f}{r['seconds']:>10.2f}")
+        if len(rows) > 1 and rows[-1]["rollout_mb"] > 0:
+            print(f"rollout memory chunk {rows[0]['chunk']} / chunk {rows[-1]['chunk']}: "
+                  f"{rows[0]['rollout_mb'] / rows[-1]['rollout_mb']:.2f}x")
+
+
+def time_steps(base, split: Path, reward_dir: Path, tmp: Path, args) -> None:
+    """Median step time of GRPO and HyGRPO on one fixed batch (alternating)."""
+    from poserft.rl import trainer as T
+    from poserft.rl.config import RFTConfig
+    from poserft.rl.rollout import PromptSampler
+    from poserft.train.data import SFTTaskData
+    from poserft.train.engine import TrainEngine
 
     # Both modes are set up first and timed alternately (grpo, hygrpo, grpo, ...) so that
     # load from other processes hits both alike.
@@ -134,8 +263,6 @@ def main() -> None:
     results = {m: {k: statistics.median(v) for k, v in p.items()} for m, p in parts.items()}
     results["hygrpo"]["pose_valid_frac"] = valid["hygrpo"]
 
-    print(f"policy: {source} ({n_params / 1e6:.2f} M parameters); torch threads "
-          f"{torch.get_num_threads()}")
     print(f"batch: {args.batch_size} prompts x G={args.group_size}, mu={args.mu}, "
           f"median of {args.repeats}; pose_valid_frac {results['hygrpo']['pose_valid_frac']:.2f}")
     print(f"{'part':<10}{'GRPO (s)':>12}{'HyGRPO (s)':>12}{'ratio':>8}")

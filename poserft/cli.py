@@ -4,7 +4,8 @@
     poserft generate --image person.png --checkpoint DIR --samples 4 --out poses.npz --render poses.png
     poserft info results/runs/dist_rft/seed0/rft
 
-``generate`` prints the answer text of every sample and writes (``--out``, npz) the SMPL
+``generate`` runs on ``--device`` (auto: the GPU when one is visible, else the CPU) and
+prints the answer text of every sample and writes (``--out``, npz) the SMPL
 parameters in axis-angle, ``global_orient (S,3)``, ``body_pose (S,23,3)``, ``betas (S,10)``
 (zeros: the model predicts pose only), plus ``joints (S,24,3)`` (metres, the body model's
 forward kinematics), ``vec6d (S,144)``, ``pose_valid (S,)`` and ``texts (S,)``. One sample
@@ -159,8 +160,9 @@ def _print_info(info: dict) -> None:
 
 def generate(checkpoint: str | os.PathLike, text: str | None = None, image: str | None = None,
              samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 24,
-             seed: int = 0) -> dict:
-    """Run the policy on one prompt -> dict of numpy arrays (see the module docstring)."""
+             seed: int = 0, device: str = "auto") -> dict:
+    """Run the policy on one prompt -> dict of numpy arrays (see the module docstring).
+    ``device``: auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     import numpy as np
     import torch
 
@@ -171,14 +173,22 @@ def generate(checkpoint: str | os.PathLike, text: str | None = None, image: str 
                        "--text \"The person is squatting with the knees bent.\"")
     if samples < 1:
         raise CliError(f"--samples must be >= 1, got {samples}")
+    import re
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise CliError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     d = _policy_dir(checkpoint)
     pixels = load_image(image) if image is not None else None      # fail before loading
     from poserft.body import load as load_body
     from poserft.body import vec6d_to_smpl
-    from poserft.model.io import PolicyFileError, load_policy
+    from poserft.eval.runner import load_policy_on, resolve_device
+    from poserft.model.io import PolicyFileError
 
     try:
-        policy = load_policy(d)
+        dev = resolve_device(device)
+    except (RuntimeError, ValueError) as exc:   # no GPU visible, malformed name
+        raise CliError(f"--device {device}: {exc}") from None
+    try:
+        policy = load_policy_on(d, dev)
     except PolicyFileError as exc:     # names the file and the fix (truncated, incomplete...)
         raise CliError(str(exc)) from None
     except (OSError, KeyError, json.JSONDecodeError) as exc:
@@ -243,6 +253,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--max-new-tokens", type=int, default=24, help="longest answer (tokens)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    g.add_argument("--device", default="auto",
+                   help="auto (default: the GPU when one is visible, else the CPU), cpu, cuda "
+                        "or cuda:N")
     g.add_argument("--out", help="write SMPL parameters and joints to this .npz")
     g.add_argument("--render", help="draw the generated skeleton(s) to this .png")
     i = sub.add_parser("info", help="describe a checkpoint (config, parameters, vocab, files)")
@@ -267,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CliError(f"--render {args.render}: give a path ending in .png")
         result = generate(args.checkpoint, text=args.text, image=args.image,
                           samples=args.samples, temperature=args.temperature,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+                          max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          device=args.device)
         for k, (t, ok) in enumerate(zip(result["texts"], result["pose_valid"])):
             print(f"[{k}] {t}" + ("" if ok else "   (no <POSE>: the pose is not meaningful)"))
         if args.out:

@@ -28,7 +28,11 @@ rule evaluate:
     benchmark:
         "results/benchmarks/evaluate_{variant}_seed{seed}.tsv"
     resources:
-        mem_mb=4000, runtime=60,
+        # One process; the policy and the evaluator run on eval.device (auto: the job's GPU
+        # when one is visible, else the CPU). gpu=1 is what slurm/config.yaml asks for this
+        # rule (set-resources: evaluate); a profile overrides it per key (the CPU test
+        # profile: gpu 0). Not a rank count: evaluation never starts several processes.
+        mem_mb=4000, runtime=60, gpu=1,
     script:
         "../workflow_scripts/evaluate.py"
 

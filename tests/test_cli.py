@@ -203,3 +203,26 @@ def test_small_image_threshold_scales_with_the_model_input():
     assert msg and "a.png is 200x60 px" in msg and "336x336 px vision input" in msg
     assert "at least 84x84 px" in msg
     assert small_image_warning("a.png", (7, 500, 3), (16, 16))                   # < 8 px
+
+
+def test_device_option(checkpoint, tmp_path, capsys, monkeypatch):
+    """--device: cpu gives the default (auto on a CPU machine) result; an unknown name or a
+    GPU that is not there is a one-line error naming the fix."""
+    import torch
+
+    ck = str(checkpoint["dir"])
+    base = ["generate", "--text", "The person is squatting.", "--checkpoint", ck,
+            "--max-new-tokens", "6"]
+    outs = {}
+    for dev in ("auto", "cpu"):
+        outs[dev] = tmp_path / f"{dev}.npz"
+        assert main(base + ["--device", dev, "--out", str(outs[dev])]) == 0
+    if not torch.cuda.is_available():
+        a, b = np.load(outs["auto"]), np.load(outs["cpu"])
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    capsys.readouterr()
+    assert "expected auto, cpu, cuda or cuda:N" in _error(capsys, base + ["--device", "gpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _error(capsys, base + ["--device", "cuda", "--out", str(tmp_path / "x.npz")])
+    assert "--device cuda" in err and "no CUDA device" in err and "auto or cpu" in err
+    assert not (tmp_path / "x.npz").exists()

@@ -192,6 +192,57 @@ def test_evaluate_variant_matches_independent_reference(world, tmp_path):
     assert tracker.artifacts == [str(out)]
 
 
+def _leaves(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_metrics_do_not_depend_on_the_generate_batch_size(world, tmp_path):
+    """eval.batch_size (prompts per generate call) changes only float rounding of the greedy
+    metrics; the best-of-N draws share one generator per batch, so they are left out here.
+    The policy is taught the answer format first, so that poses are generated (an untrained
+    one emits no <POSE> and every pose would be the rest pose)."""
+    from poserft.model.io import load_policy, save_policy
+    from poserft.train.testing import teach_answer_format
+
+    torch.manual_seed(0)
+    save_policy(teach_answer_format(load_policy(world["policy"]), world["test"], 30),
+                tmp_path / "taught")
+    runs = {}
+    for bs in (1, 8):
+        cfg = _cfg(batch_size=bs, best_of_n=0, device="cpu", max_new_tokens=24)
+        m = R.evaluate_variant(cfg, tmp_path / "taught", world["evaluator"],
+                               {"test": world["test"]}, tmp_path / f"m{bs}.json",
+                               text_embedder=HashEmbedder())
+        assert m["meta"]["device"] == "cpu"
+        runs[bs] = _leaves({k: v for k, v in m.items() if k != "meta"})
+    assert set(runs[1]) == set(runs[8]) and len(runs[1]) > 20
+    assert runs[1]["image2pose/synthetic/pose_valid_rate"] > 0.5
+    assert runs[1]["text2pose/synthetic/pose_valid_rate"] > 0.5
+    for key, v in runs[1].items():
+        np.testing.assert_allclose(runs[8][key], v, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_eval_device_option(monkeypatch):
+    from poserft.configbase import ConfigError
+
+    assert EvalConfig().device == "auto"
+    assert R.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert R.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        R.resolve_device("cuda")
+    for bad in ("gpu", "cuda:x", "tpu"):
+        with pytest.raises(ConfigError, match="eval.device"):
+            _cfg(device=bad)
+    assert _cfg(device="cuda:1").device == "cuda:1"
+
+
 def test_pred_betas_and_joint_set_options(world, tmp_path):
     cfg = _cfg(best_of_n=0, joint_set="smpl24", max_text_samples=0, max_vqa_samples=2)
     m = R.evaluate_variant(cfg, world["policy"], world["evaluator"], {"test": world["test"]},

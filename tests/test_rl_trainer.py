@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -424,5 +425,276 @@ def test_run_rft_on_two_ranks(world, tmp_path, backend):
                   checkpoint_dir=str(tmp_path / "ckpt"))
     summary = launch_local(run_rft, kwargs, 2)
     assert summary["optimizer_steps"] == 2 * cfg.mu
+    # rft.batch_size is global: 2 prompts per step, one per rank (the blocks of the step's
+    # one-rank draw, test_prompt_share_of_each_rank_is_a_block_of_the_global_draw)
+    assert (summary["world_size"], summary["prompts_per_step"], summary["prompts_per_rank"]) \
+        == (2, cfg.batch_size, cfg.batch_size // 2)
+    assert summary["last_step"]["rollout/prompts"] == cfg.batch_size // 2
     sft_sd, rft_sd = load_policy(world["sft"]).state_dict(), load_policy(out).state_dict()
     assert any(not torch.equal(sft_sd[k], rft_sd[k]) for k in sft_sd)
+
+
+# --------------------------------------------------------------------------- issue #14
+
+def test_reference_without_lora_is_a_frozen_copy_on_the_engine_device(world, tmp_path):
+    """rft.reference_device auto: each rank's own training device, frozen, a separate copy
+    equal to the SFT policy; it follows the dtypes the engine trains the policy in."""
+    cfg = _cfg(eval_prompts=0)
+    assert RFTConfig().reference_device == "auto"
+    run = T.setup_rft(cfg, world["sft"], world["reward"], world["splits"], tmp_path / "rft")
+    ref, policy = run.reference, run.engine.module
+    assert isinstance(ref, T.Reference) and not ref.shares_policy
+    assert ref.device == run.engine.device
+    assert ref.model is not policy and not ref.model.training
+    assert not any(p.requires_grad for p in ref.model.parameters())
+    assert any(p.requires_grad for p in policy.parameters())
+    pol_sd = policy.state_dict()
+    for k, v in ref.model.state_dict().items():
+        assert v.data_ptr() != pol_sd[k].data_ptr() and torch.equal(v, pol_sd[k]), k
+
+    # a policy the engine converted (DeepSpeed bf16): the copy taken before takes its dtypes
+    class _Engine:
+        device = torch.device("cpu")
+        autocast = staticmethod(contextlib.nullcontext)
+    trained = copy.deepcopy(policy).to(torch.bfloat16)
+    ref = T.build_reference(cfg, trained, _Engine(), copy.deepcopy(policy))
+    assert {p.dtype for p in ref.model.parameters()} == {torch.bfloat16}
+    # an explicit device puts the copy there; no KL term, no reference
+    assert T.build_reference(_cfg(reference_device="cpu"), policy, _Engine()).device.type == "cpu"
+    assert T.build_reference(_cfg(beta_token=0.0, beta_pose=0.0), policy, _Engine()) is None
+
+
+def _lora_stub(policy, record):
+    """``policy`` as a stand-in for a LoRA policy: ``has_lora`` True, a counting
+    ``adapters_disabled()`` context, a deep copy is an error, and every ``score`` call from
+    outside the training forward (i.e. the reference's) records whether adapters were off."""
+    base = type(policy)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        record["entered"] += 1
+        record["inside"] = True
+        try:
+            yield
+        finally:
+            record["inside"] = False
+
+    def score(self, *args, **kwargs):
+        record["scores"].append(record["inside"])
+        return base.score(self, *args, **kwargs)
+
+    def deepcopy(self, memo):
+        raise AssertionError("the LoRA policy was deep-copied")
+
+    policy.__class__ = type("LoraStub", (base,), {
+        "has_lora": property(lambda self: True), "adapters_disabled": adapters_disabled,
+        "score": score, "__deepcopy__": deepcopy})
+    return policy
+
+
+def test_reference_under_lora_is_the_policy_with_adapters_disabled(world, tmp_path, monkeypatch):
+    import poserft.model.io as io
+
+    record = {"entered": 0, "inside": False, "scores": []}
+    real_load = io.load_policy
+    monkeypatch.setattr(io, "load_policy",
+                        lambda path, *a, **k: _lora_stub(real_load(path, *a, **k), record))
+    cfg = _cfg(steps=1, mu=1, eval_prompts=0, reference_device="cpu")
+    run = T.setup_rft(cfg, world["sft"], world["reward"], world["splits"], tmp_path / "rft")
+    assert run.reference.shares_policy and run.reference.model is run.engine.module
+    last = T.train_rft(run)
+    n_micro = cfg.batch_size * cfg.group_size // cfg.micro_batch_size
+    # one reference forward per micro-batch, each inside adapters_disabled()
+    assert record["entered"] == n_micro and record["scores"] == [True] * n_micro
+    assert not record["inside"] and run.engine.module.training
+    # the stub's "disabled adapters" change nothing: pi_ref == pi_theta on the first pass
+    assert abs(last["token/kl_ref"]) < 1e-5
+
+
+def test_lora_reference_keeps_the_sft_values_outside_the_llm(world):
+    """adapters_disabled() only switches the LLM's adapters off; the trainable parameters
+    outside the LLM (projections, pose head) are snapshotted when the reference is built
+    and swapped in while it scores, then the trained values are put back."""
+    from poserft.model.io import load_policy
+    from poserft.rl.rollout import PromptSampler, generate_group
+    from poserft.train.data import SFTTaskData
+
+    record = {"entered": 0, "inside": False, "scores": []}
+    sft = load_policy(world["sft"])
+    policy = _lora_stub(load_policy(world["sft"]), record)
+    ref = T.Reference.adapters_off(policy)
+    names = {n for n, p in policy.named_parameters()
+             if any(p is q for q, _ in ref._snapshot)}
+    assert names and not any(n.startswith("backbone.model.language_model") for n in names)
+    assert any(n.startswith("pose_head") for n in names)
+    with torch.no_grad():                     # "training" moves the pose head and projections
+        for n, p in policy.named_parameters():
+            if n in names:
+                p.add_(0.1 * torch.randn_like(p))
+    trained = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    mix = {"image2pose": 1.0, "text2pose": 1.0}
+    batch = PromptSampler(SFTTaskData(world["splits"]["train"], sft.config, mix), mix).sample(0, 2)
+    roll = generate_group(sft, batch, 3, 12, 1.0, torch.Generator().manual_seed(0))
+    policy.train()
+    got = ref.score(batch.prompts, batch.images, roll)
+    with torch.no_grad():
+        want = sft.score(batch.prompts, batch.images, roll)
+    torch.testing.assert_close(got.token_logprobs, want.token_logprobs)
+    torch.testing.assert_close(got.pose_dist.mean, want.pose_dist.mean)
+    torch.testing.assert_close(got.pose_dist.std, want.pose_dist.std)
+    assert record["scores"] == [True] and policy.training
+    assert all(torch.equal(p, trained[n]) for n, p in policy.named_parameters())
+
+
+def test_reference_of_a_real_lora_policy_is_the_sft_policy(world, tmp_path, monkeypatch):
+    """With peft LoRA (fresh adapters on the SFT policy, as load_policy puts them), setup_rft
+    copies nothing and, after RL updates, the reference still scores as the SFT policy."""
+    import inspect
+    import types
+
+    import poserft.model.io as io
+    if "lora" not in inspect.signature(io.load_policy).parameters:
+        pytest.skip("load_policy has no LoRA support yet")
+    real_load = io.load_policy
+    monkeypatch.setattr(io, "load_policy", lambda path, *a, **k: real_load(path, lora=True))
+
+    def no_copy(*a, **k):
+        raise AssertionError("the LoRA policy was deep-copied")
+    monkeypatch.setattr(T, "copy", types.SimpleNamespace(deepcopy=no_copy))
+    cfg = _cfg(steps=1, eval_prompts=0)
+    run = T.setup_rft(cfg, world["sft"], world["reward"], world["splits"], tmp_path / "rft")
+    assert run.engine.module.has_lora and run.reference.shares_policy
+    before = {n: p.detach().clone() for n, p in run.engine.module.named_parameters()}
+    last = T.train_rft(run)
+    assert np.isfinite(last["loss/total"])
+    moved = [n for n, p in run.engine.module.named_parameters() if not torch.equal(p, before[n])]
+    assert any("lora_" in n for n in moved) and any(n.startswith("pose_head") for n in moved)
+
+    sft = real_load(world["sft"])
+    batch = run.sampler.sample(5, 2)
+    roll = _rollout(sft, batch)
+    got = run.reference.score(batch.prompts, batch.images, roll)
+    with torch.no_grad():
+        want = sft.score(batch.prompts, batch.images, roll)
+    torch.testing.assert_close(got.token_logprobs, want.token_logprobs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.pose_dist.mean, want.pose_dist.mean, rtol=1e-4, atol=1e-5)
+
+
+def _rollout(policy, batch):
+    from poserft.rl.rollout import generate_group
+    return generate_group(policy, batch, 3, 12, 1.0, torch.Generator().manual_seed(0))
+
+
+def test_prompt_share_of_each_rank_is_a_block_of_the_global_draw(world):
+    from poserft.model.io import load_policy
+    from poserft.rl.rollout import PromptSampler
+    from poserft.train.data import SFTTaskData
+
+    policy = load_policy(world["sft"])
+    mix = {"image2pose": 1.0, "text2pose": 1.0}
+    sampler = PromptSampler(SFTTaskData(world["splits"]["train"], policy.config, mix), mix, seed=3)
+    for step in range(4):
+        one = sampler.rank_items(step, 8)
+        assert one == sampler.items(step, 8)
+        for world_size in (2, 4, 8):
+            shares = [sampler.rank_items(step, 8, r, world_size) for r in range(world_size)]
+            assert all(len(s) == 8 // world_size for s in shares)
+            assert [it for s in shares for it in s] == one
+        b = sampler.sample(step, 8, 1, 2)
+        assert b.prompts == sampler.batch(one[4:]).prompts
+    with pytest.raises(ValueError, match="multiple"):
+        sampler.rank_items(0, 3, 0, 2)
+
+
+def test_batch_size_is_global_and_must_split_over_the_ranks(world, tmp_path, monkeypatch):
+    from poserft.configbase import ConfigError
+
+    cfg = _cfg(batch_size=4, group_size=4, micro_batch_size=8)
+    assert cfg.prompts_per_rank(1) == 4 and cfg.prompts_per_rank(2) == 2
+    with pytest.raises(ConfigError) as e:
+        cfg.prompts_per_rank(3)
+    msg = str(e.value)
+    assert "rft.batch_size=4" in msg and "3 ranks" in msg and "multiple of 3" in msg
+    # the micro-batch must divide each rank's rollout: 4 / 4 ranks * 4 = 4 candidates
+    with pytest.raises(ConfigError, match=r"rft.micro_batch_size \(8\).*= 4 candidates"):
+        cfg.prompts_per_rank(4)
+    # setup_rft fails with that message before loading anything (2 ranks from the env)
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="rft.batch_size=3 .* 2 ranks"):
+        T.setup_rft(_cfg(batch_size=3, group_size=4, micro_batch_size=4), tmp_path / "nope",
+                    None, {"train": tmp_path / "nope.h5"}, tmp_path / "rft")
+
+
+def test_chunked_rollout(world):
+    """rft.rollout_chunk_size: one call when the chunk covers the batch (identical rollout);
+    smaller chunks give the same greedy rollout up to float rounding and a sampled rollout
+    that is a valid, reproducible draw of the same policy (its teacher-forced log-probs are
+    its sampling-time ones)."""
+    from poserft.model.io import load_policy
+    from poserft.rl.rollout import PromptSampler, generate_group
+    from poserft.train.data import SFTTaskData
+
+    policy = load_policy(world["sft"])
+    mix = {"image2pose": 1.0, "text2pose": 1.0}
+    sampler = PromptSampler(SFTTaskData(world["splits"]["train"], policy.config, mix), mix, seed=1)
+    batch = sampler.sample(0, 5)
+    assert len(set(batch.tasks)) == 2
+
+    def roll(chunk, sample=True, seed=0):
+        return generate_group(policy, batch, 4, 12, 1.0, torch.Generator().manual_seed(seed),
+                              do_sample=sample, chunk_size=chunk)
+
+    def same(a, b, exact):
+        assert a.texts == b.texts
+        for f in ("prompt_index", "completion_ids", "completion_mask", "pose_valid",
+                  "pose_token_pos"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+        for f in ("token_logprobs", "pose_mean", "pose_sample", "pose_logprob", "pose_std"):
+            if exact:
+                assert torch.equal(getattr(a, f), getattr(b, f)), f
+            else:
+                torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-4, atol=1e-4)
+
+    full = roll(0)
+    same(roll(5), full, exact=True)
+    same(roll(16), full, exact=True)
+    same(roll(2, sample=False), roll(0, sample=False), exact=False)
+    same(roll(1, sample=False), roll(0, sample=False), exact=False)
+    chunked = roll(2)
+    same(roll(2), chunked, exact=True)                 # reproducible for a seed
+    assert chunked.prompt_index.tolist() == full.prompt_index.tolist()
+    assert chunked.texts != full.texts                 # other draws (not bit-identical)
+    with torch.no_grad():
+        sc = policy.score(batch.prompts, batch.images, chunked)
+    m = chunked.completion_mask > 0
+    torch.testing.assert_close(sc.token_logprobs[m], chunked.token_logprobs[m], rtol=1e-4, atol=1e-4)
+    assert torch.equal(sc.token_logprobs[~m], torch.zeros_like(sc.token_logprobs[~m]))
+    v = chunked.pose_valid
+    assert v.any()
+    torch.testing.assert_close(sc.pose_dist.log_prob(chunked.pose_sample)[v],
+                               chunked.pose_logprob[v], rtol=1e-4, atol=1e-3)
+
+
+def test_rft_step_with_rollout_chunks(world, tmp_path):
+    cfg = _cfg(rollout_chunk_size=1)
+    policy, reference, sampler, ctx, engine = _setup(world, cfg, tmp_path)
+    m = T.rft_step(engine, sampler, 0, ctx, cfg, reference)
+    assert m["rollout/prompts"] == cfg.batch_size and np.isfinite(m["loss/total"])
+
+
+@pytest.mark.slow
+def test_two_ranks_refuse_a_batch_that_does_not_split(world, tmp_path):
+    from poserft.rl.trainer import run_rft
+    from poserft.train.launch import LaunchError, launch_local
+
+    cfg = _cfg(batch_size=3, micro_batch_size=4,
+               engine={"device": "cpu", "precision": "fp32", "checkpoint_every": 0})
+    kwargs = dict(rft_cfg=cfg, sft_dir=str(world["sft"]), reward_model_dir=str(world["reward"]),
+                  split_paths={k: str(v) for k, v in world["splits"].items()},
+                  out_dir=str(tmp_path / "rft"), checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(LaunchError) as e:
+        launch_local(run_rft, kwargs, 2)
+    assert "rft.batch_size=3" in str(e.value) and "2 ranks" in str(e.value)
+    assert not (tmp_path / "rft").exists()

@@ -55,7 +55,14 @@ class EvalConfig(Section):
     sample_temperature: float = option(1.0, "Sampling temperature of the best-of-N candidates.",
                                        exclusive_minimum=0.0)
     max_new_tokens: int = option(24, "Longest generated answer (tokens).", minimum=1)
-    batch_size: int = option(32, "Prompts per generate call.", minimum=1)
+    device: str = option(
+        "auto", "Device the policy and the evaluator model run on: auto (cuda when a GPU is "
+        "visible, else cpu), cpu, cuda or cuda:N. Pose errors are computed on the CPU either "
+        "way.")
+    batch_size: int = option(
+        32, "Prompts per generate call (and rows per body-model / evaluator pass). Greedy "
+        "results do not depend on it beyond float rounding; the best-of-N samples of a batch "
+        "share one seeded generator stream, so their draws do.", minimum=1)
     recall_ks: list[int] = option([5, 10, 20], "K values of Recall@K (RT2P and RP2T).")
     protocol2_candidates: int = option(
         32, "Protocol 2 (sampled): candidates per query (ground truth + N-1 distractors).",
@@ -73,6 +80,9 @@ class EvalConfig(Section):
         "Recall@K when they are in datasets.enabled (Table 2).")
 
     def check(self, where: str) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"{where}.device: {self.device!r} is not one of auto, cpu, cuda, "
+                              "cuda:N")
         if not self.recall_ks or any(k < 1 for k in self.recall_ks):
             raise ConfigError(f"{where}.recall_ks: expected positive integers, got {self.recall_ks}")
         if max(self.recall_ks) > self.protocol2_candidates:

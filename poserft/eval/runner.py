@@ -15,7 +15,7 @@ and the bounds every variant is read against (floor and ceiling).
                           format.{image2pose, text2pose, num_prompts}
     text_reward           mean cosine (text embedder) between greedy VQA answers and the
                           reference answers of the held-out VQA; vqa.num_samples
-    meta                  joint_set, directories, seconds
+    meta                  joint_set, device, directories, seconds
 
 :func:`evaluate_reference` writes ``results/reference/metrics.json`` (design.md, "Floors and
 ceilings"), on the same test rows of the synthetic test split, through the same scoring
@@ -52,6 +52,10 @@ Conventions (design.md, "Evaluation protocols"):
 * Test subsets (``eval.max_*_samples``, default 0 = the whole split) are seeded by
   ``eval.subset_seed`` only, so every variant, seed and the reference are scored on the
   same samples.
+* The policy and the evaluator run on ``eval.device`` (auto: the job's GPU when it has one),
+  ``eval.batch_size`` prompts per generate call; joint errors are computed on the CPU.
+  Greedy metrics do not depend on the device or the batch size beyond float rounding; the
+  best-of-N draws share one seeded generator per batch, so they depend on both.
 """
 
 from __future__ import annotations
@@ -75,10 +79,41 @@ __all__ = ["subset_indices", "person_boxes", "fill_invalid_poses", "pose_joints"
            "chance_recall", "PoseTargets", "image2pose_targets", "text2pose_targets",
            "pose_errors", "image2pose_pose_metrics", "text2pose_recall", "score_text2pose",
            "normalise_pose6d", "train_mean_poses", "evaluate_image2pose", "evaluate_text2pose",
-           "evaluate_vqa", "evaluate_variant", "evaluate_reference", "SYNTHETIC"]
+           "evaluate_vqa", "evaluate_variant", "evaluate_reference", "SYNTHETIC",
+           "resolve_device", "load_policy_on"]
 
 log = logging.getLogger(__name__)
 SYNTHETIC = "synthetic"
+
+
+# --------------------------------------------------------------------- devices --
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when a GPU is visible, else cpu; otherwise the named device, which
+    must exist (a RuntimeError naming the fix, not a late CUDA error)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r}: no CUDA device is visible; use auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r}: only {torch.cuda.device_count()} CUDA "
+                               "device(s) are visible")
+    return dev
+
+
+def load_policy_on(path: str | os.PathLike, device: torch.device | str):
+    """:func:`poserft.model.io.load_policy` onto ``device`` (loaded there directly when
+    load_policy takes a device, else moved after loading), in eval mode."""
+    import inspect
+
+    from poserft.model.io import load_policy
+
+    if "device" in inspect.signature(load_policy).parameters:
+        policy = load_policy(path, device=device)
+    else:
+        policy = load_policy(path).to(device)
+    return policy.eval()
 
 
 # --------------------------------------------------------------------- pure helpers --
@@ -520,7 +555,6 @@ def evaluate_variant(eval_cfg: EvalConfig, policy_dir: str | os.PathLike,
     """
     from poserft.body import load as load_body
     from poserft.data.h5io import SplitReader
-    from poserft.model.io import load_policy
     from poserft.retrieval.checkpoint import load_retrieval_model
 
     cfg = EvalConfig.expect(eval_cfg, "evaluate_variant: eval_cfg")
@@ -530,11 +564,14 @@ def evaluate_variant(eval_cfg: EvalConfig, policy_dir: str | os.PathLike,
         if not path.is_file():
             raise FileNotFoundError(f"{path}: test split does not exist (run the rule that "
                                     f"produces it, e.g. `snakemake {path}`)")
+    device = resolve_device(cfg.device)
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    policy = load_policy(policy_dir).eval()
-    evaluator = load_retrieval_model(evaluator_dir).eval()
+    policy = load_policy_on(policy_dir, device)
+    evaluator = load_retrieval_model(evaluator_dir, device=device).eval()
     body = load_body(body_cfg)
+    log.info("evaluating %s on %s, %d prompts per generate call", policy_dir, device,
+             cfg.batch_size)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.subset_seed)
     timings["load"] = time.perf_counter() - start
 
@@ -583,8 +620,9 @@ def evaluate_variant(eval_cfg: EvalConfig, policy_dir: str | os.PathLike,
             timings["vqa"] = time.perf_counter() - t0
 
     timings["total"] = time.perf_counter() - start
-    metrics["meta"] = {"joint_set": cfg.joint_set, "policy_dir": str(policy_dir),
-                       "evaluator_dir": str(evaluator_dir), "seconds": timings}
+    metrics["meta"] = {"joint_set": cfg.joint_set, "device": str(device),
+                       "policy_dir": str(policy_dir), "evaluator_dir": str(evaluator_dir),
+                       "seconds": timings}
     write_json(out_json, metrics)
     if tracker is not None:
         tracker.log_metrics(tracker_metrics({k: v for k, v in metrics.items() if k != "meta"}))
@@ -668,8 +706,9 @@ def evaluate_reference(eval_cfg: EvalConfig, train_split: str | os.PathLike,
         if not path.is_file():
             raise FileNotFoundError(f"{path}: split does not exist (run the rule that produces "
                                     f"it, e.g. `snakemake {path}`)")
+    device = resolve_device(cfg.device)
     start = time.perf_counter()
-    evaluator = load_retrieval_model(evaluator_dir).eval()
+    evaluator = load_retrieval_model(evaluator_dir, device=device).eval()
     body = load_body(body_cfg)
     with SplitReader(train_split) as reader:
         means = train_mean_poses(reader)
@@ -686,7 +725,8 @@ def evaluate_reference(eval_cfg: EvalConfig, train_split: str | os.PathLike,
                                  "the train captions")
             metrics["text2pose"][SYNTHETIC] = _bound_texts(evaluator, body, reader, cfg,
                                                            means["text2pose"])
-    metrics["meta"] = {"joint_set": cfg.joint_set, "train_split": str(train_split),
+    metrics["meta"] = {"joint_set": cfg.joint_set, "device": str(device),
+                       "train_split": str(train_split),
                        "test_split": str(test_split), "evaluator_dir": str(evaluator_dir),
                        "seconds": time.perf_counter() - start}
     write_json(out_json, metrics)

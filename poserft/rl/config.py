@@ -63,16 +63,32 @@ class RFTConfig(Section):
         "term (ablation); continuous: only the pose term (debugging).", choices=RFT_MODES)
     steps: int = option(100, "RL steps (each: rollout of batch_size prompts x group_size "
                         "candidates, then mu update iterations). Paper: 1000.", minimum=0)
-    batch_size: int = option(4, "Prompts per RL step. Paper: 16.", minimum=1)
+    batch_size: int = option(
+        4, "Prompts per RL step in total over all ranks (the global batch; paper: 16). Each "
+        "rank (GPU) samples its disjoint share batch_size / ranks of the step's draw, so the "
+        "batch does not grow with the number of GPUs; it must be a multiple of the number "
+        "of ranks (checked at setup). Advantages are computed within each prompt's group of "
+        "group_size candidates, on the rank that sampled it.", minimum=1)
     group_size: int = option(32, "Candidates G sampled per prompt (the group of GRPO). The "
                              "continuous branch estimates a gradient in the 144-D pose space "
                              "from these G samples: on the embedded world G=16 let the head's "
                              "mean pose drift (held-out mean-pose joint reward fell), G=32 "
                              "improved all four held-out rewards (docs/rft.md).", minimum=2)
     micro_batch_size: int = option(
-        64, "Candidates per forward/backward pass during the update (gradient accumulation "
-        "over the rollout batch; one optimizer step per update iteration). Must divide "
-        "batch_size * group_size.", minimum=1)
+        64, "Candidates per forward/backward pass on one rank during the update (gradient "
+        "accumulation over the rank's rollout; one optimizer step per update iteration). "
+        "Must divide the per-rank rollout (batch_size / ranks) * group_size: checked here "
+        "for one rank (batch_size * group_size) and at setup for the actual number of "
+        "ranks.", minimum=1)
+    rollout_chunk_size: int = option(
+        0, "Prompts per generate call within a rank's rollout (0 = all of the rank's prompts "
+        "at once). Each call repeats the prompts' KV cache group_size times, so the "
+        "rollout's peak memory grows with chunk x group_size; lower it when the rollout runs "
+        "out of memory. Any value samples from the same distribution: a chunk at least the "
+        "rank's prompt count gives the identical rollout (one call); smaller chunks consume "
+        "the step's seeded generator chunk after chunk, so the draws (not their "
+        "distribution) differ. The held-out measurement uses min(16, this) prompts per call "
+        "when set.", minimum=0)
     mu: int = option(2, "Update iterations (optimizer steps) per rollout batch; > 1 makes "
                      "the update off-policy so the clip matters.", minimum=1)
     clip_eps_token: float = option(0.2, "PPO clip range of the token ratio (lower side, and "
@@ -151,7 +167,13 @@ class RFTConfig(Section):
     eval_samples: int = option(16, "Sampled candidates per held-out prompt in that measurement "
                                "(rewards averaged over them; the sampled-pose semantic reward "
                                "is noisy, 4 samples left its paired SE at ~0.02).", minimum=1)
-    reference_device: str = option("cpu", "Device of the frozen reference policy copy.")
+    reference_device: str = option(
+        "auto", "Where the frozen reference policy (pi_ref of the KL terms) lives. auto: "
+        "each rank's own training device (the engine's, cuda:LOCAL_RANK on GPUs), in the "
+        "policy's training dtype. A device name (cpu, cuda:1) puts the frozen copy there "
+        "(cpu saves GPU memory at the cost of slow reference forwards). A policy with LoRA "
+        "adapters needs no copy: the reference is the policy itself with its adapters "
+        "disabled, and this key is ignored.")
     optim: OptimConfig = option(
         OptimConfig(lr=5e-5, warmup_steps=0, min_lr_ratio=1.0, betas=[0.9, 0.95]),
         "Optimizer (AdamW) and LR schedule, counted in optimizer steps (steps * mu). Paper: "
@@ -172,6 +194,12 @@ class RFTConfig(Section):
                 f"{where}.micro_batch_size ({self.micro_batch_size}) must divide "
                 f"{where}.batch_size * {where}.group_size = {self.batch_size} * "
                 f"{self.group_size} = {n}; change one of them")
+        if self.reference_device != "auto":
+            import re
+            if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.reference_device):
+                raise ConfigError(f"{where}.reference_device: {self.reference_device!r} is not "
+                                  "a device; use auto (the rank's training device), cpu, cuda "
+                                  "or cuda:N")
         if self.clip_eps_token_high is not None and self.clip_eps_token_high <= 0:
             raise ConfigError(f"{where}.clip_eps_token_high must be > 0 or null")
         if self.dual_clip_c is not None and not self.dual_clip_c > 1.0:
@@ -228,6 +256,33 @@ class RFTConfig(Section):
             raise ConfigError(f"{where}.format_regex: not a valid regular expression ({exc})") from None
 
     # ------------------------------------------------------------------ derived
+    def prompts_per_rank(self, world_size: int, where: str = "rft") -> int:
+        """The share of ``batch_size`` (the global prompts per RL step) that each of
+        ``world_size`` ranks samples; raises :class:`ConfigError` (naming the keys, the
+        world size and the fix) when the batch does not split evenly, or when
+        ``micro_batch_size`` does not divide a rank's rollout of that share x group_size."""
+        world_size = int(world_size)
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if self.batch_size % world_size:
+            lower = (self.batch_size // world_size) * world_size
+            fix = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
+            raise ConfigError(
+                f"{where}.batch_size={self.batch_size} is the global number of prompts per RL "
+                f"step, split evenly over the {world_size} ranks (GPUs) of this run, but "
+                f"{self.batch_size} is not a multiple of {world_size}; set {where}.batch_size "
+                f"to a multiple of {world_size} (e.g. {fix}) or run on a number of ranks that "
+                f"divides {self.batch_size}")
+        per_rank = self.batch_size // world_size
+        rows = per_rank * self.group_size
+        if rows % self.micro_batch_size:
+            raise ConfigError(
+                f"{where}.micro_batch_size ({self.micro_batch_size}) must divide each rank's "
+                f"rollout: {where}.batch_size / ranks * {where}.group_size = "
+                f"{self.batch_size} / {world_size} * {self.group_size} = {rows} candidates "
+                f"with {world_size} ranks; set {where}.micro_batch_size to a divisor of {rows}")
+        return per_rank
+
     @property
     def uses_tokens(self) -> bool:
         """The discrete (token) term is optimised."""

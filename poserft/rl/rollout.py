@@ -5,6 +5,10 @@ Prompts are built exactly as in SFT (:class:`poserft.train.data.SFTTaskData`: sa
 templates from the policy's config, same GT conventions: image->pose targets use the
 camera-frame root orientation), so RFT optimises the SFT policy on its own prompt format.
 Batches are a pure function of ``(seed, step)``, so a resumed run sees the same prompts.
+With several ranks, ``rft.batch_size`` prompts are drawn per step (the global batch, the
+same draw on every rank) and rank r takes the r-th contiguous block of ``batch_size / ranks``
+of them (:meth:`PromptSampler.rank_items`): the ranks together sample exactly the prompts a
+one-rank run samples at that step.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from poserft.rl.rewards import RewardInputs
 
-__all__ = ["PromptBatch", "PromptSampler", "reward_inputs", "generate_group"]
+__all__ = ["PromptBatch", "PromptSampler", "reward_inputs", "generate_group", "concat_rollouts"]
 
 
 @dataclass
@@ -64,8 +68,23 @@ class PromptSampler:
         return [(self.tasks[k], int(rng.integers(self.data.task_sizes[self.tasks[k]])))
                 for k in tasks]
 
-    def sample(self, step: int, batch_size: int) -> PromptBatch:
-        return self.batch(self.items(step, batch_size))
+    def rank_items(self, step: int, batch_size: int, rank: int = 0,
+                   world_size: int = 1) -> list[tuple[str, int]]:
+        """Rank ``rank``'s share of step ``step``'s global draw of ``batch_size`` prompts:
+        items ``rank * b .. (rank + 1) * b - 1`` with ``b = batch_size / world_size``
+        (disjoint blocks, together the one-rank draw). ``batch_size`` must be a multiple of
+        ``world_size`` (:meth:`poserft.rl.config.RFTConfig.prompts_per_rank` says so with
+        the config keys; here a plain ValueError)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
+        per = batch_size // world_size
+        return self.items(step, batch_size)[rank * per:(rank + 1) * per]
+
+    def sample(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> PromptBatch:
+        """The prompts of :meth:`rank_items` (one rank: the whole draw of step ``step``)."""
+        return self.batch(self.rank_items(step, batch_size, rank, world_size))
 
     def first(self, task: str, n: int) -> PromptBatch | None:
         """The first ``n`` prompts of ``task`` (a fixed held-out set), or None if it has none."""
@@ -85,18 +104,75 @@ class PromptSampler:
 
 def generate_group(policy, batch: PromptBatch, group_size: int, max_new_tokens: int,
                    temperature: float, generator: torch.Generator | None = None,
-                   do_sample: bool = True):
+                   do_sample: bool = True, chunk_size: int = 0):
     """G sampled candidates per prompt -> :class:`poserft.model.policy.Rollout` (N = B*G rows,
-    the rows of prompt b are b*G .. b*G+G-1). Runs in eval mode without gradient."""
+    the rows of prompt b are b*G .. b*G+G-1). Runs in eval mode without gradient.
+
+    ``chunk_size`` (``rft.rollout_chunk_size``): prompts per ``policy.generate`` call (0 or
+    >= B: one call). A call repeats its prompts' KV cache G times, so chunks bound the
+    rollout's peak memory. The chunks run one after the other on the same ``generator``.
+    Not bit-identical to one call for chunks smaller than B: a call draws each decoding
+    step's tokens for all its rows at once, so chunking changes which random numbers a
+    candidate gets (not their distribution); and the prompt batches are padded to other
+    lengths, so even the greedy rollout (``do_sample=False``) matches the one-call rollout
+    only up to float rounding. The result is :func:`concat_rollouts` of the chunks.
+    """
     was_training = policy.training
     policy.eval()
+    n = len(batch)
+    bounds = [(0, n)] if chunk_size <= 0 or chunk_size >= n else \
+        [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     try:
         with torch.no_grad():
-            return policy.generate(batch.prompts, batch.images, num_samples=group_size,
-                                   max_new_tokens=max_new_tokens, temperature=temperature,
-                                   do_sample=do_sample, generator=generator)
+            parts = [policy.generate(batch.prompts[a:b],
+                                     None if batch.images is None else batch.images[a:b],
+                                     num_samples=group_size, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, do_sample=do_sample,
+                                     generator=generator)
+                     for a, b in bounds]
     finally:
         policy.train(was_training)
+    if len(parts) == 1:
+        return parts[0]
+    return concat_rollouts(parts, [a for a, _ in bounds], policy.pad_token_id)
+
+
+def concat_rollouts(parts: list, offsets: list[int], pad_token_id: int):
+    """Rollouts of consecutive prompt chunks -> one :class:`~poserft.model.policy.Rollout`.
+
+    ``offsets[i]``: index of chunk i's first prompt in the whole batch (added to its
+    ``prompt_index``). Per-token fields (``completion_ids``, ``completion_mask``,
+    ``token_logprobs``) of chunks with shorter completions are right-padded the way
+    ``policy.generate`` pads them (``pad_token_id``, mask 0, log-prob 0); other per-row
+    tensors and lists are concatenated; scalar settings must agree.
+    """
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    if len(parts) != len(offsets) or not parts:
+        raise ValueError(f"concat_rollouts: {len(parts)} rollouts for {len(offsets)} offsets")
+    per_token = {"completion_ids": pad_token_id, "completion_mask": 0.0, "token_logprobs": 0.0}
+    tc = max(r.completion_ids.shape[1] for r in parts)
+    out = {}
+    for f in dataclasses.fields(parts[0]):
+        vals = [getattr(r, f.name) for r in parts]
+        if f.name == "prompt_index":
+            out[f.name] = torch.cat([v + off for v, off in zip(vals, offsets)])
+        elif f.name in per_token:
+            out[f.name] = torch.cat([F.pad(v, (0, tc - v.shape[1]), value=per_token[f.name])
+                                     for v in vals])
+        elif all(v is None for v in vals):
+            out[f.name] = None
+        elif all(isinstance(v, torch.Tensor) for v in vals):
+            out[f.name] = torch.cat(vals)
+        elif all(isinstance(v, list) for v in vals):
+            out[f.name] = [x for v in vals for x in v]
+        elif all(v == vals[0] for v in vals):
+            out[f.name] = vals[0]
+        else:
+            raise ValueError(f"concat_rollouts: chunks disagree on {f.name} ({vals})")
+    return type(parts[0])(**out)
 
 
 def reward_inputs(batch: PromptBatch, rollout, pose_source: str = "sample") -> RewardInputs:

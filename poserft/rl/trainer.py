@@ -7,20 +7,34 @@ writes::
                                                               load with load_policy(out_dir))
     out_dir/rft_summary.json     held-out rewards before (SFT start) and after RFT, deltas,
                                  paired per-prompt deltas with standard errors and t
-                                 (``heldout_paired``), last training metrics
+                                 (``heldout_paired``), last training metrics (rank 0's),
+                                 world_size, prompts_per_step (rft.batch_size, global),
+                                 prompts_per_rank
     checkpoint_dir/checkpoints/step_*/   resumable engine checkpoints (default:
                                  ``<out_dir>_checkpoints``; out_dir itself is replaced
                                  atomically by the export, so checkpoints live beside it)
 
-``run_rft`` is :func:`setup_rft` (policy, reference copy, prompts, reward models, engine,
+``run_rft`` is :func:`setup_rft` (policy, reference, prompts, reward models, engine,
 resume, held-out "before"), :func:`train_rft` (the RL loop, checkpoints) and
 :func:`finalise_rft` (held-out "after", export, summary).
 
-One RL step (:func:`rft_step`): B prompts -> G candidates each (one generate call; the
-prompt prefix is encoded once per prompt) -> rewards per candidate -> discrete advantages F
-over the G candidates of a prompt and continuous advantages Delta over its V candidates with
-a valid pose -> reference log-probs (frozen SFT copy) -> ``mu`` optimizer steps, each
-accumulating exact micro-batch shares of the HyGRPO loss.
+One RL step (:func:`rft_step`): ``rft.batch_size`` prompts in total (the global batch),
+each of the R ranks taking its disjoint share B = batch_size / R of the step's draw ->
+G candidates each (``generate`` calls of ``rft.rollout_chunk_size`` prompts; the prompt
+prefix is encoded once per prompt) -> rewards per candidate -> discrete advantages F over
+the G candidates of a prompt and continuous advantages Delta over its V candidates with a
+valid pose (per prompt group, so rank-local) -> reference log-probs (:class:`Reference`:
+the frozen SFT policy) -> ``mu`` optimizer steps, each accumulating exact micro-batch shares
+of the rank's HyGRPO loss. DDP/DeepSpeed average the ranks' gradients: the global loss is
+the mean of the ranks' losses, exactly the full-batch loss for the per-sequence and
+per-group aggregations (every rank holds the same number of sequences and groups) and its
+data-parallel approximation for ``token-mean`` / ``candidate-mean`` (token and valid-pose
+counts differ between ranks).
+
+The reference (:class:`Reference`) is, without LoRA, a frozen copy of the SFT policy on the
+rank's own training device (``rft.reference_device: auto``) in the policy's training
+dtype, scored under the engine's autocast like the policy; with LoRA adapters it is the
+policy itself with its adapters disabled (no second copy of the weights).
 
 The "old" log-probs (pi_old, the policy that sampled the rollout) are an explicit
 :class:`OldLogProbs` the update loop owns. The first of the ``mu`` passes runs on the
@@ -33,8 +47,10 @@ quantities computed incrementally; their gap to the teacher-forced ones is logge
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +64,166 @@ from poserft.rl.config import HELDOUT_REWARDS, REWARD_DECLS, RFTConfig
 from poserft.rl.rewards import REWARDS, RewardContext, RewardResult, compute_rewards
 from poserft.rl.rollout import PromptBatch, PromptSampler, generate_group, reward_inputs
 
-__all__ = ["run_rft", "setup_rft", "train_rft", "finalise_rft", "RFTRun", "rft_step",
+__all__ = ["run_rft", "setup_rft", "train_rft", "finalise_rft", "RFTRun", "rft_step", "Reference",
            "prepare_micro_batches", "make_loss_fn", "OldLogProbs", "heldout_rewards",
            "build_reward_context", "MicroBatch", "paired_heldout_deltas", "rft_task_data"]
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- reference
+
+class Reference:
+    """The frozen reference policy pi_ref of the KL terms.
+
+    ``score(prompts, images, rollout)`` -> the teacher-forced
+    :class:`~poserft.model.policy.ScoreOutput` of ``rollout`` under pi_ref, without
+    gradient, on the reference's device (the caller moves what it needs). Two kinds:
+
+    * :meth:`frozen_copy`: a separate, frozen (``requires_grad False``, eval mode) module;
+    * :meth:`adapters_off`: the training policy itself, scored inside its
+      ``adapters_disabled()`` context (LoRA: the base weights are the SFT policy, so the LLM
+      needs no copy), in eval mode (restored afterwards). ``adapters_disabled()`` only
+      switches the LLM's adapters off; the parameters that train outside the LLM (vision
+      projections, pose head, a trainable pose encoder: small next to the LLM) would follow
+      training, so their SFT values are kept (a detached snapshot) and swapped in for the
+      reference forward.
+
+    ``autocast``: a callable returning the context the policy's forward runs under
+    (``TrainEngine.autocast``), so that pi_ref and pi_theta are computed alike and the KL
+    starts at 0.
+    """
+
+    def __init__(self, model, shares_policy: bool = False, autocast=None,
+                 snapshot: list | None = None):
+        self.model = model
+        self.shares_policy = bool(shares_policy)
+        self._autocast = autocast or contextlib.nullcontext
+        self._snapshot = snapshot or []     # [(parameter, its SFT value)] swapped in to score
+
+    @classmethod
+    def frozen_copy(cls, model, device=None, like=None, autocast=None) -> "Reference":
+        """Freeze ``model`` (already a copy of the policy) and move it to ``device``; with
+        ``like`` (the training policy, as the engine holds it) each parameter and buffer
+        takes the dtype of the same-named tensor of ``like``: the policy's training dtype
+        (e.g. bf16 after DeepSpeed converted the policy)."""
+        model.eval().requires_grad_(False)
+        if like is not None:
+            _match_dtypes(model, like)
+        if device is not None:
+            model.to(device)
+        return cls(model, shares_policy=False, autocast=autocast)
+
+    @classmethod
+    def adapters_off(cls, policy, autocast=None) -> "Reference":
+        """The policy with its (LoRA) adapters disabled: needs ``policy.adapters_disabled()``.
+        Call it before training starts: the trainable parameters outside the LLM
+        (``policy.language_model``) are snapshotted now, as the reference's values."""
+        if not hasattr(policy, "adapters_disabled"):
+            raise TypeError(f"{type(policy).__name__} has no adapters_disabled(); a reference "
+                            "without adapters needs a LoRA policy")
+        llm = getattr(policy, "language_model", None)
+        in_llm = set() if llm is None else {id(p) for p in llm.parameters()}
+        outside = [p for p in policy.parameters() if p.requires_grad and id(p) not in in_llm]
+        if any(hasattr(p, "ds_id") for p in outside):   # ZeRO-3 partitions: no swap possible
+            log.warning("LoRA reference under ZeRO-3: the trainable parameters outside the LLM "
+                        "(projections, pose head) are not snapshotted; the reference uses their "
+                        "current values")
+            outside = []
+        snapshot = [(p, p.detach().clone()) for p in outside]
+        return cls(policy, shares_policy=True, autocast=autocast, snapshot=snapshot)
+
+    @classmethod
+    def wrap(cls, reference) -> "Reference | None":
+        """A :class:`Reference` as is; None as None; a bare module (tests, benchmarks): a
+        frozen copy where it is."""
+        if reference is None or isinstance(reference, Reference):
+            return reference
+        return cls(reference.eval().requires_grad_(False))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def score(self, prompts, images, rollout):
+        model = self.model
+        adapters = model.adapters_disabled() if self.shares_policy else contextlib.nullcontext()
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad(), self._sft_values(), adapters, self._autocast():
+                return model.score(prompts, images, rollout.to(self.device))
+        finally:
+            model.train(was_training)
+
+    @contextlib.contextmanager
+    def _sft_values(self):
+        """The snapshot's values in place of the trained ones (storage swapped, not copied;
+        the very same storages are put back, so optimizer views stay valid)."""
+        current = [p.data for p, _ in self._snapshot]
+        try:
+            for p, sft in self._snapshot:
+                p.data = sft
+            yield
+        finally:
+            for (p, _), data in zip(self._snapshot, current):
+                p.data = data
+
+
+def _match_dtypes(module: torch.nn.Module, like: torch.nn.Module) -> None:
+    """Cast each floating parameter/buffer of ``module`` to the dtype of ``like``'s tensor
+    of the same name (a copy taken before the engine converted ``like``)."""
+    want = {n: t.dtype for n, t in (*like.named_parameters(), *like.named_buffers())}
+    with torch.no_grad():
+        for name, t in (*module.named_parameters(), *module.named_buffers()):
+            dtype = want.get(name)
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
+
+
+def build_reference(cfg: RFTConfig, policy, engine, copy_of_policy=None) -> Reference | None:
+    """The reference of ``cfg``'s KL terms, or None without one (both betas 0 / terms off).
+
+    ``policy``: the training policy (``engine.module``), before any update. With fresh LoRA
+    adapters (``policy.has_lora``; :func:`_lora_reference_ok`) the reference is ``policy``
+    with its adapters disabled (:meth:`Reference.adapters_off`). Otherwise it is
+    ``copy_of_policy`` (a deep copy taken before the engine wrapped the policy; None: copy
+    it now), frozen, on ``rft.reference_device`` (auto: ``engine.device``) in the dtypes
+    the engine trains the policy in, scored under ``engine.autocast``.
+    """
+    if not _needs_reference(cfg):
+        return None
+    autocast = getattr(engine, "autocast", None)
+    if copy_of_policy is None and _lora_reference_ok(policy):
+        if cfg.reference_device != "auto":
+            log.warning("rft.reference_device=%s is ignored: the policy has LoRA adapters, so the "
+                        "reference is the policy itself with its adapters disabled",
+                        cfg.reference_device)
+        return Reference.adapters_off(policy, autocast=autocast)
+    device = engine.device if cfg.reference_device == "auto" else torch.device(cfg.reference_device)
+    ref = copy_of_policy if copy_of_policy is not None else copy.deepcopy(policy)
+    return Reference.frozen_copy(ref, device=device, like=policy, autocast=autocast)
+
+
+def _needs_reference(cfg: RFTConfig) -> bool:
+    return (cfg.uses_tokens and cfg.beta_token > 0) or (cfg.uses_pose and cfg.beta_pose > 0)
+
+
+def _lora_reference_ok(policy) -> bool:
+    """The policy has LoRA adapters and switching them off gives the SFT policy: they are
+    fresh (every ``lora_B`` zero, as ``load_policy`` puts them on a merged export). Trained
+    SFT adapters (an ``adapter`` export) would be switched off too, leaving the pre-SFT
+    base: then a frozen copy is the reference (with a warning)."""
+    if not getattr(policy, "has_lora", False):
+        return False
+    trained = [n for n, p in policy.named_parameters() if "lora_B" in n and bool(p.detach().any())]
+    if trained:
+        log.warning("the SFT policy carries trained LoRA adapters (%s, ...: an adapter export); "
+                    "disabling them would not give the SFT policy, so the RFT reference is a "
+                    "frozen copy (export SFT with model.lora.export: merged to avoid the copy)",
+                    trained[0])
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- update data
@@ -87,7 +258,10 @@ class OldLogProbs:
 def prepare_micro_batches(batch: PromptBatch, rollout, rewards: RewardResult, cfg: RFTConfig,
                           reference=None, device=None) -> tuple[list[MicroBatch], dict]:
     """Advantages for the whole rollout, then contiguous micro-batches with their exact loss
-    shares and (when a KL term is on) the frozen reference's log-probs / pose distribution."""
+    shares and (when a KL term is on) the reference's log-probs / pose distribution.
+
+    ``reference``: a :class:`Reference` (or a bare frozen module, wrapped as one), or None."""
+    reference = Reference.wrap(reference)
     dev = device if device is not None else rollout.prompt_index.device
     groups = rollout.prompt_index.cpu()
     estimator = core.ADVANTAGE_ESTIMATORS.get(cfg.advantage_estimator)
@@ -113,9 +287,7 @@ def prepare_micro_batches(batch: PromptBatch, rollout, rewards: RewardResult, cf
                         pose_advantages=d_adv[rows].to(dev), pose_valid=valid[rows].to(dev),
                         token_weight=wt, pose_weight=wp, pose_agg_weights=pw.to(dev))
         if reference is not None and (need_ref_tok or need_ref_pose):
-            ref_dev = next(reference.parameters()).device
-            with torch.no_grad():
-                ref = reference.score(batch.prompts, batch.images, sub.to(ref_dev))
+            ref = reference.score(batch.prompts, batch.images, sub)
             if need_ref_tok:
                 mb.ref_token_logprobs = ref.token_logprobs.detach().to(dev)
             if need_ref_pose:
@@ -197,17 +369,22 @@ def rft_step(engine, sampler: PromptSampler, step: int, ctx: RewardContext, cfg:
              reference=None, batch: PromptBatch | None = None) -> dict[str, float]:
     """One RL step at ``step``: rollout, rewards, advantages, ``cfg.mu`` optimizer steps.
 
-    ``engine`` is a :class:`poserft.train.engine.TrainEngine` wrapping the policy. Pass
-    ``batch`` to reuse a fixed prompt batch (benchmarks). Returns flat float metrics.
+    ``engine`` is a :class:`poserft.train.engine.TrainEngine` wrapping the policy. This
+    rank samples its share ``cfg.batch_size / world_size`` of the step's global prompt draw
+    (:meth:`PromptSampler.rank_items`). Pass ``batch`` to reuse a fixed prompt batch
+    (benchmarks). ``reference``: a :class:`Reference` (or a bare frozen module) or None.
+    Returns flat float metrics (``rollout/prompts``: this rank's prompts).
     """
     policy = engine.module
-    rank = engine.dist.rank
+    rank, world = engine.dist.rank, engine.dist.world_size
     if batch is None:
-        batch = sampler.sample(step * engine.dist.world_size + rank, cfg.batch_size)
+        cfg.prompts_per_rank(world)          # a clear error before sampling an uneven share
+        batch = sampler.sample(step, cfg.batch_size, rank, world)
     gen = torch.Generator(device=policy.device).manual_seed(
         int(np.random.default_rng([cfg.engine.seed, 104729, step, rank]).integers(2 ** 62)))
     t0 = time.perf_counter()
-    rollout = generate_group(policy, batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, gen)
+    rollout = generate_group(policy, batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                             gen, chunk_size=cfg.rollout_chunk_size)
     t_gen = time.perf_counter() - t0
     pose_source = "mean" if cfg.mode == "grpo" else "sample"
     rewards = compute_rewards(reward_inputs(batch, rollout, pose_source), ctx, cfg.reward_weights,
@@ -224,7 +401,8 @@ def rft_step(engine, sampler: PromptSampler, step: int, ctx: RewardContext, cfg:
             update[k] = update.get(k, 0.0) + v / (1 if k.startswith("rollout/") else cfg.mu)
     metrics = {**rewards.metrics("reward"), **adv_metrics, **update}
     lengths = rollout.completion_mask.sum(-1).float()
-    metrics.update({"rollout/response_length": lengths.mean().item(),
+    metrics.update({"rollout/prompts": float(len(batch)),
+                    "rollout/response_length": lengths.mean().item(),
                     "rollout/pose_valid_frac": rollout.pose_valid.float().mean().item(),
                     "time/generate_s": t_gen, "time/reward_s": t_rew,
                     "time/step_s": time.perf_counter() - t0})
@@ -241,7 +419,7 @@ def rft_step(engine, sampler: PromptSampler, step: int, ctx: RewardContext, cfg:
 
 @torch.no_grad()
 def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, cfg: RFTConfig,
-                    chunk: int = 16, per_prompt: dict | None = None) -> dict[str, float]:
+                    chunk: int | None = None, per_prompt: dict | None = None) -> dict[str, float]:
     """Mean joint (image->pose) and semantic (text->pose) reward on the first
     ``cfg.eval_prompts`` prompts of the split, ``cfg.eval_samples`` sampled candidates each,
     with a fixed seed (so "before" and "after" see the same prompts and noise streams).
@@ -252,6 +430,9 @@ def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, c
     head over the valid candidates), ``*_se`` standard errors over candidates; image2pose
     also ``mpjpe_mm_mean_pose``.
 
+    ``chunk``: prompts per generate call (default 16, or ``rft.rollout_chunk_size`` when
+    that is set and smaller).
+
     ``per_prompt``: if a dict is given, it receives ``{task}/{reward}[_mean_pose]`` -> list
     of per-prompt means over that prompt's valid candidates (NaN where none is valid), in
     prompt order, for :func:`paired_heldout_deltas`.
@@ -260,6 +441,8 @@ def heldout_rewards(policy, sampler: PromptSampler | None, ctx: RewardContext, c
     if sampler is None or cfg.eval_prompts == 0:
         return out
     from poserft.body.metrics import mpjpe
+    if chunk is None:
+        chunk = min(16, cfg.rollout_chunk_size) if cfg.rollout_chunk_size else 16
     gen = torch.Generator(device=policy.device).manual_seed(cfg.engine.seed + 2 ** 20)
     for task, reward in HELDOUT_REWARDS.items():
         if sampler.data.task_sizes.get(task, 0) == 0:
@@ -400,8 +583,21 @@ def _check_out_dir(out_dir: Path) -> None:
                          "directory itself (e.g. results/runs/<variant>/seed<k>/rft)")
 
 
-# rft keys that may change between a run and its resume without changing its trajectory
-_RESUMABLE_KEYS = {"reference_device"}
+# rft keys that may change between a run and its resume: where the reference lives, and
+# the rollout's memory knob (it changes which random numbers a step draws, not their
+# distribution, so a run that ran out of memory resumes with smaller chunks)
+_RESUMABLE_KEYS = {"reference_device", "rollout_chunk_size"}
+
+
+def _world_size() -> int:
+    """Ranks of this run: the initialised process group's, else the environment's
+    (torchrun / SLURM variables; 1 for a plain process), as TrainEngine will see them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    from poserft.train.distributed import resolve_dist_env
+    return resolve_dist_env(os.environ)[0].world_size
 
 
 def _resume_relevant(cfg: dict) -> dict:
@@ -429,7 +625,7 @@ class RFTRun:
     """Everything the RL loop and the finalisation need (built by :func:`setup_rft`)."""
     cfg: RFTConfig
     engine: object                    # TrainEngine around the policy
-    reference: object | None          # frozen SFT copy (None without a KL term)
+    reference: Reference | None       # pi_ref of the KL terms (None without a KL term)
     sampler: PromptSampler
     val_sampler: PromptSampler | None
     ctx: RewardContext
@@ -444,9 +640,10 @@ class RFTRun:
 
 def setup_rft(cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_dir,
               tracker=None, text_embedder=None, body_cfg=None, checkpoint_dir=None) -> RFTRun:
-    """Load the SFT policy and its frozen reference copy, the prompts, the reward models the
-    configured rewards need, the engine; resume from the newest matching checkpoint; measure
-    the held-out rewards of the SFT start (or take them from the checkpoint)."""
+    """Check that ``rft.batch_size`` splits over the ranks; load the SFT policy, the prompts,
+    the reward models the configured rewards need, the engine and the reference
+    (:func:`build_reference`); resume from the newest matching checkpoint; measure the
+    held-out rewards of the SFT start (or take them from the checkpoint)."""
     from poserft.model.io import load_policy, resolve_policy_dir
     from poserft.train.engine import TrainEngine, run_fingerprint, seed_everything
 
@@ -460,6 +657,8 @@ def setup_rft(cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_
     _check_out_dir(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.with_name(out_dir.name + "_checkpoints")
     t_start = time.time()
+    world_size = _world_size()
+    per_rank = cfg.prompts_per_rank(world_size)      # fails here, before anything is loaded
     seed_everything(cfg.engine.seed)
 
     policy = load_policy(sft_dir)
@@ -467,9 +666,11 @@ def setup_rft(cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_
         raise ValueError(f"rft.mode={cfg.mode} needs a stochastic pose (model.head=gaussian); the "
                          f"policy in {sft_dir} has head={policy.config.head!r}. Use rft.mode=grpo "
                          "for deterministic heads")
-    reference = None
-    if (cfg.uses_tokens and cfg.beta_token > 0) or (cfg.uses_pose and cfg.beta_pose > 0):
-        reference = copy.deepcopy(policy).to(cfg.reference_device).eval().requires_grad_(False)
+    # the frozen copy is taken before the engine wraps (DDP/ZeRO) and converts the policy;
+    # build_reference then gives it the engine's device and the policy's training dtypes
+    ref_copy = None
+    if _needs_reference(cfg) and not _lora_reference_ok(policy):
+        ref_copy = copy.deepcopy(policy)
 
     mix = cfg.sampled_tasks
     sampler = PromptSampler(rft_task_data(split_paths["train"], policy.config, mix, cfg.engine.seed),
@@ -491,9 +692,14 @@ def setup_rft(cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_
          *(Path(p) for p in split_paths.values() if p),
          *([Path(reward_model_dir) / "model.safetensors"] if reward_model_dir else [])])
     engine = TrainEngine(policy, cfg.optim, cfg.engine, cfg.steps * cfg.mu, checkpoint_dir,
-                         grad_accum=cfg.batch_size * cfg.group_size // cfg.micro_batch_size,
+                         grad_accum=per_rank * cfg.group_size // cfg.micro_batch_size,
                          micro_batch_size=cfg.micro_batch_size, tracker=tracker,
                          fingerprint=fingerprint)
+    if engine.dist.world_size != world_size:
+        raise RuntimeError(f"run_rft: the engine runs {engine.dist.world_size} ranks, the "
+                           f"environment said {world_size}")
+    reference = build_reference(cfg, engine.module, engine, ref_copy)
+    del ref_copy
     if engine.is_main:
         tracker.log_params({f"rft_{k}": v for k, v in cfg.to_dict().items()
                             if not isinstance(v, dict)})
@@ -545,7 +751,10 @@ def finalise_rft(run: RFTRun, last: dict[str, float]) -> dict:
     paired = paired_heldout_deltas(run.before_per_prompt, after_pp)
     engine.export_policy(run.out_dir)
     before = run.before
+    world = engine.dist.world_size
     summary: dict = {"mode": cfg.mode, "rl_steps": cfg.steps, "optimizer_steps": engine.step,
+                     "world_size": world, "prompts_per_step": cfg.batch_size,
+                     "prompts_per_rank": cfg.batch_size // world,
                      "sft_dir": str(run.sft_dir), "policy_dir": str(run.out_dir),
                      "checkpoint_dir": str(run.checkpoint_dir), "wall_s": time.time() - run.t_start,
                      "heldout_before": before, "heldout_after": after,
