@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dict_diff import changed_keys
+from workflow_helpers import changed_keys, planned_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -34,21 +34,6 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args],
                           cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def _planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
-    """The 'Job stats' table of a dry run: rule -> job count."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:", 1)[1]
-    jobs = {}
-    for line in table.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m or m.group(1) == "total":
-            break
-        jobs[m.group(1)] = int(m.group(2))
-    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +94,7 @@ def _dry_run_with(work: Path, name: str, overlay: dict, proc_out: list | None = 
     assert proc.returncode == 0, proc.stderr[-4000:]
     if proc_out is not None:
         proc_out.append(proc)
-    return _planned_jobs(proc)
+    return planned_jobs(proc.stdout + proc.stderr)
 
 
 def _params_change(proc: subprocess.CompletedProcess, rule: str) -> tuple[dict, dict]:
@@ -162,7 +147,7 @@ def test_sorted_keys_and_explicit_defaults_plan_nothing(finished_run):
     proc = _snakemake(finished_run, "all", "-n", "--configfile", str(path),
                       "--replace-workflow-config", timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert _planned_jobs(proc) == {}, (proc.stdout + proc.stderr)[-4000:]
+    assert planned_jobs(proc.stdout + proc.stderr) == {}, (proc.stdout + proc.stderr)[-4000:]
 
 
 def test_editing_one_variant_reruns_that_variant_only(finished_run):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from snakemake.utils import validate
+from workflow_helpers import planned_jobs
 
 from poserft.config import load_config
 
@@ -40,18 +40,6 @@ def _helper():
 
 
 gpu_check = _helper()
-
-
-def _planned_jobs(text: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run: rule -> job count."""
-    table = text.split("Job stats:", 1)[1]
-    jobs = {}
-    for line in table.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m or m.group(1) == "total":
-            break
-        jobs[m.group(1)] = int(m.group(2))
-    return jobs
 
 
 def _dry_run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -193,7 +181,7 @@ def test_gpu_smoke_dag_has_one_sft_one_rft(tmp_path):
     proc = _dry_run(tmp_path, "--configfile", str(SMOKE), "--replace-workflow-config")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    jobs = _planned_jobs(out)
+    jobs = planned_jobs(out)
     assert jobs["sft"] == 1 and jobs["rft"] == 1 and jobs["evaluate"] == 2, jobs
 
 
@@ -205,5 +193,5 @@ def test_paper_config_dag_still_builds(tmp_path):
     proc = _dry_run(tmp_path, "--configfile", str(PAPER))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    jobs = _planned_jobs(out)
+    jobs = planned_jobs(out)
     assert jobs["sft"] == 4 and jobs["rft"] == 2 and jobs["evaluate"] == 6, jobs

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dict_diff import changed_keys
+from workflow_helpers import changed_keys
 from snakemake.utils import validate
 
 from poserft.config import ConfigError, full_schema, load_config, schema_yaml
