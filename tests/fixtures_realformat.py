@@ -16,7 +16,7 @@ from scipy.spatial.transform import Rotation
 
 __all__ = ["random_rotvecs", "write_amass_sequence", "write_amass_tree",
            "write_posescript_release", "write_pw3d_sequence", "write_spin_npz",
-           "write_eft_json", "write_bedlam_script", "write_llava_json"]
+           "write_eft_json", "write_llava_json"]
 
 
 def random_rotvecs(rng: np.random.Generator, shape: tuple, scale: float = 0.5) -> np.ndarray:
@@ -158,28 +158,6 @@ def write_eft_json(path: Path, n: int = 5, seed: int = 0, coco: bool = True) -> 
 
 # ----------------------------------------------------------------------------- BEDLAM-Script
 
-def write_bedlam_script(root: Path, split_name: str, scenes: dict[str, int],
-                        captions: dict[str, str | list[str]], seed: int = 0) -> dict[str, dict]:
-    """labels/<split>/<scene>.npz (BEDLAM processed labels) + captions/<split>.json."""
-    rng = np.random.default_rng(seed)
-    written = {}
-    for s, (scene, n) in enumerate(sorted(scenes.items())):
-        K = np.tile(np.array([[1500.0, 0, 640], [0, 1500.0, 360], [0, 0, 1]]), (n, 1, 1))
-        data = {"imgname": np.array([f"{scene}/png/seq_{s:06d}/seq_{s:06d}_{i:04d}.png" for i in range(n)]),
-                "pose_cam": random_rotvecs(rng, (n, 55), 0.3).reshape(n, 165),
-                "shape": rng.normal(size=(n, 11)),
-                "trans_cam": rng.normal(size=(n, 3)) * 0.2 + np.array([0, 0, 6.0]),
-                "cam_int": K, "center": rng.uniform(100, 500, (n, 2)), "scale": np.ones(n)}
-        path = root / "labels" / split_name / f"{scene}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **data)
-        written[f"{scene}.npz"] = data
-    (root / "captions").mkdir(parents=True, exist_ok=True)
-    (root / "captions" / f"{split_name}.json").write_text(json.dumps(captions))
-    return written
-
-
-# ----------------------------------------------------------------------------- LLaVA
 
 def write_llava_json(path: Path, conversations: list[dict]) -> list[dict]:
     """llava_instruct_150k.json: a list of {id, image, conversations}."""

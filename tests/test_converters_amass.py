@@ -129,6 +129,60 @@ def test_amass_missing_subdataset_names_the_folder(tmp_path):
                 progress=False)
 
 
+def test_amass_accepts_either_release_folder_names(tmp_path):
+    # The SMPL+H G names (BioMotionLab_NTroje, MPI_HDM05) and the current release's names
+    # (BMLrub, HDM05) are the same sub-datasets (amass.AMASS_RELEASE_NAMES).
+    for tree, listed in ((("BMLrub", "HDM05"), ("BioMotionLab_NTroje", "MPI_HDM05")),
+                         (("BioMotionLab_NTroje", "MPI_HDM05"), ("BMLrub", "HDM05"))):
+        raw = tmp_path / tree[0] / "raw"
+        written = write_amass_tree(raw, {tree[0]: 2, tree[1]: 1}, n_frames=12, fps=60.0)
+        cfg = DatasetsConfig.from_dict(
+            {"amass": {"splits": {"train": [listed[0]], "val": [listed[1]]}, "target_fps": 20.0}},
+            where="datasets")
+        out = {"train": raw.parent / "train.h5", "val": raw.parent / "val.h5"}
+        convert("amass", cfg, raw, out, None, progress=False)
+        assert validate_split(out["train"])["N"] == 8 and validate_split(out["val"])["N"] == 4
+        r = SplitReader(out["train"])
+        assert sorted(set(r.read("meta/sequence"))) == sorted(k for k in written if k.startswith(tree[0] + "/"))
+        assert r.attrs["converter_params"]["subdataset_folders"] == [tree[0]]
+        assert r.attrs["converter_params"]["missing_subdatasets"] == []
+
+
+def test_amass_default_splits_convert_the_present_subdatasets(tmp_path, caplog):
+    # A real unpack of the current release with only some sub-datasets: the default
+    # (SMPL+H G named) split lists convert what is there and warn about the rest.
+    raw = tmp_path / "raw"
+    written = write_amass_tree(raw, {"BMLrub": 1, "CMU": 1, "HDM05": 1, "SSM": 1}, n_frames=6)
+    out = {s: tmp_path / f"{s}.h5" for s in ("train", "val", "test")}
+    with caplog.at_level("WARNING", logger="poserft.data.converters.amass"):
+        convert("amass", DatasetsConfig(), raw, out, None, progress=False)
+    for split, subs in {"train": {"BMLrub", "CMU"}, "val": {"HDM05"}, "test": {"SSM"}}.items():
+        r = SplitReader(out[split])
+        validate_split(out[split])
+        assert {s.split("/")[0] for s in r.read("meta/sequence")} == subs
+        params = r.attrs["converter_params"]
+        assert sorted(params["subdataset_folders"]) == sorted(subs)
+    missing = SplitReader(out["val"]).attrs["converter_params"]["missing_subdatasets"]
+    assert missing == ["HumanEva", "SFU", "MPI_mosh"]
+    text = caplog.text
+    assert "'val'" in text and "HumanEva" in text and "MPI_mosh or MoSh" in text
+    assert "'test'" in text and "Transitions_mocap or Transitions" in text
+    assert len(written) == 4
+
+
+def test_amass_split_with_no_subdataset_present_names_root_and_folders(tmp_path):
+    raw = tmp_path / "raw"
+    write_amass_tree(raw, {"CMU": 1})                     # train present, val absent
+    with pytest.raises(ConversionError) as err:
+        convert("amass", DatasetsConfig(), raw, {"train": tmp_path / "t.h5", "val": tmp_path / "v.h5"},
+                None, progress=False)
+    msg = str(err.value)
+    assert str(raw) in msg and "'val'" in msg
+    for name in ("HumanEva", "MPI_HDM05 or HDM05", "SFU", "MPI_mosh or MoSh"):
+        assert name in msg
+    assert not (tmp_path / "t.h5").exists()
+
+
 # ----------------------------------------------------------------------------- PoseScript
 
 def _posescript_fixture(tmp_path):

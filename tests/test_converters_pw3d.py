@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from fixtures_pw3d_bedlam import write_pw3d_sequence_60hz
 from fixtures_realformat import write_pw3d_sequence
 from poserft.body import load
 from poserft.data.converters import convert
@@ -68,6 +69,32 @@ def test_pw3d_world_and_camera_frames(tmp_path):
                    betas=torch.as_tensor(r.read("poses/betas")),
                    transl=torch.as_tensor(r.read("poses/transl"))).numpy()
     np.testing.assert_allclose(r.joints(rows), ref, atol=1e-6)
+
+
+def test_pw3d_image_file_is_the_pose_row_not_img_frame_ids(tmp_path):
+    # poses are at the image rate: row i <-> image_{i:05d}.jpg; img_frame_ids index the 60 Hz
+    # poses (3DPW README; SPIN datasets/preprocess/pw3d.py; VIBE threedpw_utils.py).
+    raw = tmp_path / "raw"
+    seq = write_pw3d_sequence_60hz(raw / "sequenceFiles/train/outdoors_x_00.pkl", "outdoors_x_00",
+                                   n_frames=5, n_actors=1, seed=4, offset=3)
+    (raw / "sequenceFiles/test").mkdir(parents=True)
+    (raw / "sequenceFiles/validation").mkdir(parents=True)
+    assert not np.array_equal(seq["img_frame_ids"], np.arange(5))   # the conventions differ
+    out = tmp_path / "train.h5"
+    convert("pw3d", DatasetsConfig(), raw, {"train": out}, None, progress=False)
+    r = SplitReader(out)
+    frames = r.read("meta/frame")
+    np.testing.assert_array_equal(frames, np.arange(5))
+    for row, f in enumerate(frames):
+        path = r.read("image_paths", row)
+        assert path.endswith(f"imageFiles/outdoors_x_00/image_{f:05d}.jpg")
+        assert not path.endswith(f"image_{int(seq['img_frame_ids'][f]):05d}.jpg")
+        # that image's pose is the image-rate row f == the 60 Hz row img_frame_ids[f]
+        pose60 = seq["poses_60Hz"][0][seq["img_frame_ids"][f]]
+        np.testing.assert_allclose(r.read("poses/global_orient", row), pose60[:3], atol=1e-6)
+        np.testing.assert_allclose(r.read("poses/transl", row),
+                                   seq["trans_60Hz"][0][seq["img_frame_ids"][f]], atol=1e-6)
+        np.testing.assert_allclose(r.read("camera/R", row), seq["cam_poses"][f][:3, :3], atol=1e-6)
 
 
 @pytest.mark.parametrize("mutate, field", [

@@ -317,13 +317,49 @@ def _joints_in_batches(body, vec6d: torch.Tensor, joint_set: str, betas: torch.T
     return torch.cat(joints), torch.cat(pelvis)
 
 
+# SPIN's 24-joint order (``S`` of its preprocessed npz files, kept as
+# /meta/gt_joints3d_spin24): rows 0-13 are the LSP-14 joints in our ``lsp14`` order; SPIN's
+# H36M preprocessing writes the H36M pelvis to row 14 (``global_idx[0] == 14`` in
+# datasets/preprocess/h36m*.py).
+_SPIN24_TO_LSP14 = list(range(14))
+_SPIN24_PELVIS = 14
+
+
+def _stored_joint_targets(reader, idx: np.ndarray, cfg: EvalConfig, orient: np.ndarray,
+                          poses: Mapping[str, np.ndarray]) -> PoseTargets:
+    """Targets of a split whose rows have no SMPL fit (``/meta/has_smpl`` 0): the stored 3D
+    joints (``/meta/gt_joints3d_spin24``, metres) and their H36M pelvis. ``vec6d`` holds the
+    rows' placeholder poses (only the reference's oracle uses it); predictions get the mean
+    shape (no ground-truth betas)."""
+    from poserft.body import smpl_to_vec6d
+
+    if not reader.has("meta/gt_joints3d_spin24"):
+        raise ValueError(f"{reader.path}: rows without SMPL fits (/meta/has_smpl 0) but no "
+                         "/meta/gt_joints3d_spin24 to score them by; reconvert the split")
+    if cfg.joint_set != "lsp14":
+        raise ValueError(f"{reader.path}: rows without SMPL fits are scored on their stored "
+                         f"SPIN joints, which give eval.joint_set 'lsp14' only (got "
+                         f"{cfg.joint_set!r})")
+    s24 = torch.as_tensor(np.asarray(reader.read("meta/gt_joints3d_spin24", idx))[..., :3],
+                          dtype=torch.float32)
+    vec = smpl_to_vec6d(torch.as_tensor(orient, dtype=torch.float32),
+                        torch.as_tensor(poses["body_pose"], dtype=torch.float32))
+    return PoseTargets(idx, vec, s24[:, _SPIN24_TO_LSP14], s24[:, _SPIN24_PELVIS], None)
+
+
 def image2pose_targets(body, reader, cfg: EvalConfig) -> PoseTargets:
     """Image->pose ground truth of the scored image rows: the split's pose with the camera-
-    frame root (``/image_pose/global_orient`` when present), with its betas."""
+    frame root (``/image_pose/global_orient`` when present), with its betas; for a split
+    with rows without SMPL fits (``/meta/has_smpl`` 0, e.g. Human3.6M protocol 2), the
+    stored 3D joints of every scored row (:func:`_stored_joint_targets`)."""
     from poserft.body import smpl_to_vec6d
 
     idx = subset_indices(reader.num_poses, cfg.max_image_samples, cfg.subset_seed)
     poses = reader.poses(idx)
+    if reader.has("meta/has_smpl") and not np.asarray(reader.read("meta/has_smpl", idx)).all():
+        orient = (reader.image_global_orient(idx) if reader.has("image_pose/global_orient")
+                  else poses["global_orient"])
+        return _stored_joint_targets(reader, idx, cfg, orient, poses)
     orient = (reader.image_global_orient(idx) if reader.has("image_pose/global_orient")
               else poses["global_orient"])
     gt_betas = torch.as_tensor(poses["betas"], dtype=torch.float32)

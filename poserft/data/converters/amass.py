@@ -15,6 +15,16 @@ to our y-up frame (see ``common``), optionally removing the root heading. The se
 path and original frame index of every row are kept in ``/meta/sequence`` and
 ``/meta/frame``.
 
+Sub-dataset folder names differ between AMASS releases (the SMPL+H G archives that
+PoseScript's id map and the AMASS paper / VPoser split name, e.g. ``BioMotionLab_NTroje``,
+``MPI_HDM05``; and the current download page, e.g. ``BMLrub``, ``HDM05``). A split may list
+either name: :func:`find_subdataset` looks for the listed folder, then for its other
+release's names (``AMASS_RELEASE_NAMES``). Listed sub-datasets that are absent under
+``root`` (under every alias) are skipped with a logged warning and counted in the split's
+``n_missing_subdatasets`` metric (their names are in ``converter_params``); only when *none*
+of a split's sub-datasets is present does the conversion fail, with a ConversionError naming
+the root and the folder names it looked for.
+
 Empty sequences (``poses`` with 0 frames, e.g. from a failed export or unpack) are
 skipped, each with a logged warning naming the file, and counted in the split's
 ``n_empty_sequences`` metric: one bad take should not stop a conversion of thousands.
@@ -37,21 +47,86 @@ from poserft.data.converters.common import (
     load_npz, pelvis_rest_positions, remove_root_yaw, require, rotate_world,
     smpl_family_to_smpl, subsample_by_fps)
 
-__all__ = ["build_amass", "read_amass_sequence", "amass_to_canonical", "list_sequences"]
+__all__ = ["build_amass", "read_amass_sequence", "amass_to_canonical", "list_sequences",
+           "AMASS_RELEASE_NAMES", "subdataset_aliases", "find_subdataset"]
 
 log = logging.getLogger(__name__)
 
 _FPS_KEYS = ("mocap_framerate", "mocap_frame_rate")
 
+# Sub-dataset folder names of the two AMASS releases: (older SMPL+H G name, used by
+# PoseScript's id map, BABEL and the AMASS/VPoser split) -> (current download-page name).
+# Sources: BABEL's AMASS loaders (``ddir_map = {'BioMotionLab_NTroje': 'BMLrub',
+# 'DFaust_67': 'DFaust'}``) and NVlabs/ProtoMotions
+# data/scripts/create_motion_fps_yaml.py (``SMPL_DATASETS_NAME_DICT``: MPI_HDM05 -> HDM05,
+# MPI_mosh -> MoSh, MPI_Limits -> PosePrior, SSM_synced -> SSM, Transitions_mocap ->
+# Transitions, TCD_handMocap -> TCDHands, DFaust_67 -> DFaust; ACCAD, BMLmovi, CMU, EKUT,
+# Eyes_Japan_Dataset, HumanEva, KIT, SFU, TotalCapture unchanged), several public BABEL
+# converters agreeing; some SMPL-X G archives unpack Eyes_Japan_Dataset as
+# ``EyesJapanDataset``, accepted too.
+AMASS_RELEASE_NAMES: tuple[tuple[str, ...], ...] = (
+    ("BioMotionLab_NTroje", "BMLrub"),
+    ("MPI_HDM05", "HDM05"),
+    ("MPI_Limits", "PosePrior"),
+    ("MPI_mosh", "MoSh"),
+    ("Transitions_mocap", "Transitions"),
+    ("SSM_synced", "SSM"),
+    ("TCD_handMocap", "TCDHands"),
+    ("DFaust_67", "DFaust"),
+    ("Eyes_Japan_Dataset", "EyesJapanDataset"),
+)
+_ALIASES = {name: group for group in AMASS_RELEASE_NAMES for name in group}
+
+
+def subdataset_aliases(name: str) -> tuple[str, ...]:
+    """``name`` first, then its other AMASS release's folder names (``AMASS_RELEASE_NAMES``)."""
+    return (name,) + tuple(n for n in _ALIASES.get(name, ()) if n != name)
+
+
+def find_subdataset(root: Path, name: str) -> Path | None:
+    """The folder of sub-dataset ``name`` under ``root`` under any release's name, or None."""
+    for alias in subdataset_aliases(name):
+        if (Path(root) / alias).is_dir():
+            return Path(root) / alias
+    return None
+
 
 def list_sequences(root: Path, subdataset: str) -> list[Path]:
-    """Sorted sequence files of one AMASS sub-dataset (``shape.npz`` excluded)."""
-    folder = root / subdataset
-    if not folder.is_dir():
-        raise ConversionError(folder, "splits", f"AMASS sub-dataset folder is missing under "
-                                                f"{root}; unpack its SMPL+H G archive there or "
-                                                f"remove '{subdataset}' from the split")
+    """Sorted sequence files of one AMASS sub-dataset (``shape.npz`` excluded), found under
+    either release's folder name."""
+    folder = find_subdataset(root, subdataset)
+    if folder is None:
+        raise ConversionError(Path(root) / subdataset, "splits",
+                              f"AMASS sub-dataset folder is missing under {root} (looked for "
+                              f"{' or '.join(subdataset_aliases(subdataset))}); unpack its "
+                              f"SMPL+H G archive there or remove '{subdataset}' from the split")
     return sorted(p for p in folder.rglob("*.npz") if p.name != "shape.npz")
+
+
+def _split_folders(raw_dir: Path, split: str, subs: list[str]) -> tuple[list[Path], list[str]]:
+    """Present folders of a split's sub-datasets, and the names of the absent ones.
+
+    Raises ConversionError naming ``raw_dir`` and the names looked for when none is present.
+    """
+    found, missing = [], []
+    for sub in subs:
+        folder = find_subdataset(raw_dir, sub)
+        if folder is None:
+            missing.append(sub)
+        else:
+            found.append(folder)
+    if not found:
+        expected = "; ".join(" or ".join(subdataset_aliases(s)) for s in subs)
+        raise ConversionError(raw_dir, f"splits.{split}", f"none of the AMASS sub-dataset "
+                              f"folders of split {split!r} is under this root (expected at "
+                              f"least one of: {expected}); unpack the sub-datasets' SMPL+H G "
+                              "archives there or fix datasets.amass.root / splits")
+    if missing:
+        log.warning("AMASS split %r: sub-datasets %s are not under %s (looked for %s); "
+                    "converting the %d present one(s): %s", split, missing, raw_dir,
+                    "; ".join(" or ".join(subdataset_aliases(s)) for s in missing),
+                    len(found), [f.name for f in found])
+    return found, missing
 
 
 def read_amass_sequence(path: Path) -> dict[str, Any]:
@@ -96,10 +171,12 @@ def build_amass(source: Any, raw_dir: Path, splits: list[str], body: Any, cfg: A
         rows: dict[str, list[np.ndarray]] = {k: [] for k in ("global_orient", "body_pose", "betas", "transl")}
         seq_names: list[str] = []
         frames: list[np.ndarray] = []
-        files = [p for sub in source.splits[split] for p in list_sequences(raw_dir, sub)]
+        folders, missing = _split_folders(raw_dir, split, list(source.splits[split]))
+        files = [p for folder in folders
+                 for p in sorted(q for q in folder.rglob("*.npz") if q.name != "shape.npz")]
         if not files:
             raise ConversionError(raw_dir, f"splits.{split}", f"no sequence .npz files under "
-                                  f"{source.splits[split]}")
+                                  f"{[f.name for f in folders]}")
         total = 0
         empty: list[str] = []
         for path in tqdm(files, desc=f"amass/{split}", disable=not progress, leave=False):
@@ -136,7 +213,10 @@ def build_amass(source: Any, raw_dir: Path, splits: list[str], body: Any, cfg: A
                                           progress=progress, desc=f"amass/{split} joints")
         arrays["meta/sequence"] = seq_names
         arrays["meta/frame"] = np.concatenate(frames).astype(np.int64)
-        out[split] = SplitArrays(arrays, params={"frame": "y-up (AMASS z-up rotated by -90 deg about x)"},
+        out[split] = SplitArrays(arrays, params={"frame": "y-up (AMASS z-up rotated by -90 deg about x)",
+                                         "subdataset_folders": [f.name for f in folders],
+                                         "missing_subdatasets": missing},
                                  stats={"n_sequences": len(set(seq_names)),
-                                        "n_empty_sequences": len(empty)})
+                                        "n_empty_sequences": len(empty),
+                                        "n_missing_subdatasets": len(missing)})
     return out

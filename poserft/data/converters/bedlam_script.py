@@ -7,10 +7,21 @@ No public release layout of BEDLAM-Script could be checked, so poserft ASSUMES t
         imgname   (N,)      image path relative to the image folder
         pose_cam  (N,165)   SMPL-X axis-angle (55 joints), root in the CAMERA frame
         shape     (N,>=10)  SMPL-X betas (first 10 used)
-        trans_cam (N,3)     SMPL-X translation in the camera frame (metres)
+        trans_cam (N,3)     SMPL-X translation, camera-ROTATED but without the camera offset
+        cam_ext   (N,4,4)   extrinsics; cam_ext[:3, 3] is the offset to add to trans_cam
         cam_int   (N,3,3)   intrinsics
     captions/<split name>.json        {"<scene>.npz:<row>": caption | [captions]}
     images/<imgname>                  (or under `image_root`)
+
+The full camera-frame translation is ``trans_cam + cam_ext[:3, 3]`` (stored as
+``/poses/transl``; ``/joints`` and ``/keypoints2d`` use it). Verified against BEDLAM's own
+code (pixelite1201/BEDLAM): data_processing/df_full_body.py writes
+``cam_ext_[:, 3] = cam_ext_trans`` (camera offset ``cam_trans``), ``trans_cam.append(c_trans)``
+and projects the label joints with ``project(joints3d, torch.tensor(cam_trans), CAM_INT)``,
+where ``project`` starts with ``points = points + cam_trans``; train/dataset/dataset.py
+builds the training translation as ``item['translation'] = self.cam_ext[index][:, 3]`` then
+``item['translation'][:3] += self.trans_cam[index]``. ``pose_cam`` already carries the
+camera rotation, so ``cam_ext[:3, :3]`` is not applied again.
 
 SMPL-X shares joints 0..21 with SMPL (SMPL hand joints 22, 23 set to zero); SMPL-X betas
 are used as SMPL betas, an approximation (different shape spaces) that only affects
@@ -37,7 +48,7 @@ __all__ = ["build_bedlam_script", "read_bedlam_labels"]
 
 def read_bedlam_labels(path: Path) -> dict[str, np.ndarray]:
     """One BEDLAM label npz -> checked arrays."""
-    data = load_npz(path, ("imgname", "pose_cam", "shape", "trans_cam", "cam_int"))
+    data = load_npz(path, ("imgname", "pose_cam", "shape", "trans_cam", "cam_ext", "cam_int"))
     names = np.asarray(require(data, "imgname", path))
     if names.ndim != 1 or names.dtype.kind not in "US":
         raise ConversionError(path, "imgname", f"expected (N,) strings, got {names.dtype} {names.shape}")
@@ -45,10 +56,13 @@ def read_bedlam_labels(path: Path) -> dict[str, np.ndarray]:
     shape = checked_array(require(data, "shape", path), path, "shape", (n, None))
     if shape.shape[1] < 10:
         raise ConversionError(path, "shape", f"need at least 10 betas, got {shape.shape[1]}")
+    trans_cam = checked_array(require(data, "trans_cam", path), path, "trans_cam", (n, 3))
+    cam_ext = checked_array(require(data, "cam_ext", path), path, "cam_ext", (n, 4, 4))
     return {"imgname": names.astype(str),
             "pose": checked_array(require(data, "pose_cam", path), path, "pose_cam", (n, 165)),
             "betas": fit_betas(shape),
-            "transl": checked_array(require(data, "trans_cam", path), path, "trans_cam", (n, 3)),
+            # full camera-frame translation = trans_cam + camera offset (module docstring)
+            "transl": (trans_cam + cam_ext[:, :3, 3]).astype(trans_cam.dtype),
             "K": checked_array(require(data, "cam_int", path), path, "cam_int", (n, 3, 3))}
 
 

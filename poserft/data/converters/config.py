@@ -114,9 +114,12 @@ def url_file_name(url: str) -> str:
 # ----------------------------------------------------------------------------- per dataset
 
 _AMASS_SPLITS = {
-    # The AMASS paper / VPoser split by sub-dataset (folder names of the SMPL+H G release).
-    "train": ["CMU", "MPI_Limits", "TotalCapture", "Eyes_Japan_Dataset", "KIT", "BMLrub",
-              "EKUT", "TCD_handMocap", "ACCAD"],
+    # The AMASS paper / VPoser split by sub-dataset, all in the folder names of the SMPL+H G
+    # release (the names PoseScript's id map uses). The current release's names (BMLrub,
+    # HDM05, PosePrior, MoSh, Transitions, SSM, TCDHands, ...) are accepted for these too
+    # (poserft.data.converters.amass.AMASS_RELEASE_NAMES).
+    "train": ["CMU", "MPI_Limits", "TotalCapture", "Eyes_Japan_Dataset", "KIT",
+              "BioMotionLab_NTroje", "EKUT", "TCD_handMocap", "ACCAD"],
     "val": ["HumanEva", "MPI_HDM05", "SFU", "MPI_mosh"],
     "test": ["Transitions_mocap", "SSM_synced"],
 }
@@ -129,14 +132,21 @@ class AmassSource(DatasetSource):
     homepage: str = option(
         "https://amass.is.tue.mpg.de", "AMASS: register at https://amass.is.tue.mpg.de, "
         "download the 'SMPL+H G' archive of each sub-dataset and unpack them into `root` so "
-        "that `root/<SubDataset>/<subject>/<sequence>_poses.npz` exist.")
+        "that `root/<SubDataset>/<subject>/<sequence>_poses.npz` exist (either release's "
+        "folder names, e.g. BioMotionLab_NTroje or BMLrub).")
     manual: bool = option(True, "AMASS needs a registration (manual download).")
     files: list[str] = option(
-        sorted({d for ds in _AMASS_SPLITS.values() for d in ds}),
-        "Sub-dataset folders that must exist under `root`.")
+        [], "Paths that must exist under `root` before conversion. Empty by default: the "
+            "converter itself looks for each split's sub-dataset folders (under either AMASS "
+            "release's name), converts those present and fails only when none of a split's "
+            "is there.")
     splits: dict[str, list[str]] = option(
         _AMASS_SPLITS, "Our split -> AMASS sub-dataset folders (default: the AMASS/VPoser "
-                       "split by sub-dataset).")
+                       "split by sub-dataset). Either release's folder name may be given "
+                       "(BioMotionLab_NTroje/BMLrub, MPI_HDM05/HDM05, MPI_Limits/PosePrior, "
+                       "MPI_mosh/MoSh, Transitions_mocap/Transitions, SSM_synced/SSM, "
+                       "TCD_handMocap/TCDHands, DFaust_67/DFaust); listed sub-datasets absent "
+                       "under `root` are skipped with a warning.")
     target_fps: float = option(
         10.0, "Subsample each sequence from its mocap_framerate to about this rate "
               "(0: keep every frame; paper-scale runs typically use 30).", minimum=0)
@@ -211,9 +221,12 @@ class H36mSource(DatasetSource):
     splits: dict[str, list[str]] = option(
         {"train": ["h36m_train.npz"], "test": ["h36m_valid_protocol2.npz"]},
         "Our split -> SPIN-style npz files under `root` (keys imgname, center, scale, pose, "
-        "shape, S, part[, has_smpl]).")
-    frame_stride: int = option(5, "Keep every k-th row (H36M frames are highly redundant).",
-                               minimum=1)
+        "shape, S, part[, has_smpl]). A file without pose/shape (SPIN's "
+        "h36m_valid_protocol2.npz: imgname, center, scale, S) becomes an evaluation split: "
+        "images + the 3D joints S, with rest-pose placeholders flagged by /meta/has_smpl = 0.")
+    frame_stride: int = option(5, "Keep every k-th row of files with SMPL fits (H36M frames "
+                                  "are highly redundant); evaluation files without fits "
+                                  "(protocol 2) are kept whole.", minimum=1)
 
 
 @dataclass
@@ -295,7 +308,7 @@ class BedlamScriptSource(DatasetSource):
     homepage: str = option(
         "https://bedlam.is.tue.mpg.de", "BEDLAM: register at https://bedlam.is.tue.mpg.de, "
         "download the images and the processed SMPL-X labels (npz per scene: imgname, "
-        "pose_cam (N,165), shape (N,>=10), trans_cam, cam_int[, cam_ext]) into "
+        "pose_cam (N,165), shape (N,>=10), trans_cam, cam_int, cam_ext) into "
         "root/labels/<split>/, and the caption file(s) into root/captions/. Layout assumed by "
         "poserft (no official BEDLAM-Script release layout could be checked): captions/"
         "<split>.json maps '<npz file name>:<row>' to a caption or a list of captions.")

@@ -11,8 +11,20 @@ Raw layout (``root``; the official release, Python-2 pickles read with latin1)::
         cam_poses       (T,4,4) world -> camera extrinsics per image frame
         cam_intrinsics  (3,3)
         campose_valid   list per actor of (T,) 0/1: camera pose aligned for that actor
-        img_frame_ids   (T,) image index of each frame (optional; default arange)
+        img_frame_ids   (T,) index into the 60 Hz ``poses_60Hz``/``trans_60Hz`` (not read)
     imageFiles/<sequence>/image_%05d.jpg
+
+``poses``/``trans``/``cam_poses`` are already at the image frame rate: row ``i`` pairs with
+``image_{i:05d}.jpg``. ``img_frame_ids`` is NOT an image file index; the official README
+(3DPW readme_and_demo, mirrored e.g. in zhyjiang/mmhuman3d tools/depth_generate/readme.txt)
+says "poses: SMPL body poses for each actor aligned with image data (... N = #frames)" and
+"img_frame_ids: an index-array to down-sample 60 Hz 3D poses to corresponding image frame
+ids", i.e. it maps image frames into ``poses_60Hz``. Public preprocessing names images by
+the row index: SPIN (nkolot/SPIN datasets/preprocess/pw3d.py) builds
+``'image_%s.jpg' % str(i).zfill(5) for i in range(num_frames)`` with
+``num_frames = len(smpl_pose[0])``; VIBE (mkocabas/VIBE lib/data_utils/threedpw_utils.py)
+uses ``'image_{:05d}.jpg'.format(i_frame)`` for ``i_frame in range(num_frames)`` with
+``num_frames = len(data['img_frame_ids'])``.
 
 One row per (actor, frame) with a valid camera pose, every ``frame_stride``-th frame.
 ``/poses/*`` stay in 3DPW's world frame (with ``transl``); ``/camera/{K,R,t}`` hold the
@@ -83,9 +95,6 @@ def read_pw3d_sequence(path: Path) -> dict[str, Any]:
                     for a, v in enumerate(_per_actor(data, "campose_valid", path, n_actors))]
     out["cam_poses"] = checked_array(require(data, "cam_poses", path), path, "cam_poses", (t, 4, 4))
     out["K"] = checked_array(require(data, "cam_intrinsics", path), path, "cam_intrinsics", (3, 3))
-    ids = data.get("img_frame_ids")
-    out["img_frame_ids"] = (np.arange(t) if ids is None else
-                            checked_array(ids, path, "img_frame_ids", (t,), dtype=np.int64))
     return out
 
 
@@ -128,9 +137,9 @@ def build_pw3d(source: Any, raw_dir: Path, splits: list[str], body: Any, cfg: An
                 cols["R"].append(R)
                 cols["t"].append(t)
                 cols["kp"].append(project_points(seq["joint_positions"][actor][frames], K, R, t))
-                img_ids = seq["img_frame_ids"][frames]
+                # image file = pose row index (see the module docstring; not img_frame_ids)
                 cols["paths"].extend(os.path.join(str(image_root), "imageFiles", seq["sequence"],
-                                                  f"image_{int(i):05d}.jpg") for i in img_ids)
+                                                  f"image_{int(i):05d}.jpg") for i in frames)
                 cols["seq"].extend([seq["sequence"]] * len(frames))
                 cols["frame"].append(frames)
                 cols["actor"].append(np.full(len(frames), actor))
