@@ -45,6 +45,8 @@ from typing import Any, Iterable, Mapping
 import h5py
 import numpy as np
 
+from poserft.atomic import apply_umask
+
 __all__ = ["SCHEMA_VERSION", "SCHEMA", "REQUIRED_KEYS", "KEY_GROUPS", "REQUIRED_ATTRS",
            "DataValidationError", "write_split", "write_splits", "SplitReader",
            "validate_split"]
@@ -335,12 +337,6 @@ def _chunks(a: np.ndarray) -> tuple | None:
     return (rows,) + a.shape[1:]
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _prepare(path: str | os.PathLike, arrays: Mapping[str, Any], attrs: Mapping[str, Any]
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Storage arrays and attributes for ``path``, checked against the schema (no disk I/O)."""
@@ -382,7 +378,7 @@ def _write_temp(path: Path, data: Mapping[str, np.ndarray], attrs: Mapping[str, 
                     f.create_dataset(key, data=a, dtype=h5py.string_dtype("utf-8"), **kw)
                 else:
                     f.create_dataset(key, data=a, **kw)
-        os.chmod(tmp_name, 0o666 & ~_current_umask())   # mkstemp made it 0600
+        apply_umask(tmp_name)   # mkstemp made it 0600
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_name)
