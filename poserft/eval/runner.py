@@ -72,6 +72,7 @@ import numpy as np
 import torch
 
 from poserft.atomic import write_json
+from poserft.data.images import SplitImages, person_boxes
 from poserft.eval.config import EvalConfig
 
 __all__ = ["subset_indices", "person_boxes", "fill_invalid_poses", "pose_joints", "joint_errors",
@@ -237,49 +238,14 @@ def _progress(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, mininterval=2.0)
 
 
-def person_boxes(reader, idx: np.ndarray) -> np.ndarray | None:
-    """(n,4) square person boxes ``x0, y0, x1, y1`` (pixels) for full-frame images: the
-    SPIN-style box (``/meta/bbox_center``, side ``200 * /meta/bbox_scale``) when the split has
-    it, else the extent of ``/keypoints2d`` enlarged 1.2x; None when neither exists."""
-    if reader.has("meta/bbox_center") and reader.has("meta/bbox_scale"):
-        centre = np.asarray(reader.read("meta/bbox_center", idx), dtype=np.float64)
-        half = 100.0 * np.asarray(reader.read("meta/bbox_scale", idx), dtype=np.float64)
-    elif reader.has("keypoints2d"):
-        kp = np.asarray(reader.keypoints2d(idx), dtype=np.float64)
-        lo, hi = np.nanmin(kp, axis=1), np.nanmax(kp, axis=1)
-        centre, half = (lo + hi) / 2, 0.6 * (hi - lo).max(axis=1)
-    else:
-        return None
-    return np.stack([centre[:, 0] - half, centre[:, 1] - half,
-                     centre[:, 0] + half, centre[:, 1] + half], axis=1)
-
-
 def _read_images(reader, idx: np.ndarray, size: int) -> np.ndarray:
-    """(n,H,W,3) uint8 images of rows ``idx``: the split's /images (already person crops), or
-    its /image_paths loaded, cropped to :func:`person_boxes` (black outside the frame, as
-    in HMR-style preprocessing) and resized to ``size`` x ``size``."""
-    if reader.has("images"):
-        return np.asarray(reader.images(idx))
-    if not reader.has("image_paths"):
-        raise ValueError(f"{reader.path}: no /images or /image_paths; image->pose needs one "
-                         "(re-run the converter with images)")
-    from PIL import Image
-
-    boxes = person_boxes(reader, idx)
-    out = []
-    for i, p in enumerate(reader.read("image_paths", idx)):
-        path = Path(str(p))
-        if not path.is_absolute() and not path.is_file():   # relative to the split file
-            path = reader.path.parent / path
-        if not path.is_file():
-            raise FileNotFoundError(f"{reader.path}: image {p} (row {int(idx[i])}) does not "
-                                    "exist; check the dataset's image_root and reconvert")
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if boxes is not None:
-                im = im.crop(tuple(int(round(v)) for v in boxes[i]))
-            out.append(np.asarray(im.resize((size, size), Image.BILINEAR)))
-    return np.stack(out).astype(np.uint8)
+    """(n,H,W,3) uint8 images of rows ``idx`` through :class:`poserft.data.images.SplitImages`:
+    the split's /images as stored (already person crops; the model resizes them), or its
+    /image_paths loaded, cropped to :func:`person_boxes` (black outside the frame, as in
+    HMR-style preprocessing) and resized to ``size`` x ``size`` (PIL bilinear). A bad image
+    file is an error, never a skipped row: every variant must be scored on the same rows."""
+    images = SplitImages(reader, None if reader.has("images") else size, on_error="fail")
+    return images.load_many(idx)[0]
 
 
 @dataclass
