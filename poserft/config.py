@@ -134,6 +134,26 @@ class WorkflowConfig:
     def has_rft(self, variant: str) -> bool:
         return self.variants[variant].rft is not None
 
+    # -------------------------------------------------------------- training data
+    def source_splits(self, name: str) -> list[str]:
+        """The splits data source ``name`` has: the synthetic world's three, or those its
+        ``datasets`` section converts."""
+        from poserft.data.config import SYNTHETIC
+        if name == SYNTHETIC:
+            return ["train", "val", "test"]
+        return list(self.sections["datasets"].source(name).splits)
+
+    def training_files(self, section: str, variant: str | None = None,
+                       splits: tuple[str, ...] = ("train", "val")) -> dict[str, str]:
+        """The split files stage ``section`` ('retrieval', 'sft' or 'rft'; of ``variant``
+        when given) reads, as named rule inputs ``<source>__<split>`` ->
+        ``data/<source>/<split>.h5``, for each source of its ``data`` mapping and each of
+        ``splits`` the source has (``train`` always: :func:`load_config` checked it)."""
+        sec = (self.variant_section(variant, section) if variant is not None
+               else self.sections[section])
+        return {f"{name}__{split}": f"data/{name}/{split}.h5"
+                for name in sec.data for split in splits if split in self.source_splits(name)}
+
 
 
 def variant_section(base: Section, variants: dict[str, VariantConfig], variant: str,
@@ -198,7 +218,35 @@ def load_config(config: dict) -> WorkflowConfig:
             variant_section(sections[sec], variants, name, sec)
     if not variants:
         raise ConfigError("variants: define at least one variant (see config.yaml)")
-    return WorkflowConfig(sections=sections, variants=variants, seeds=list(seeds))
+    cfg = WorkflowConfig(sections=sections, variants=variants, seeds=list(seeds))
+    _check_training_sources(cfg)
+    return cfg
+
+
+def _check_training_sources(cfg: WorkflowConfig) -> None:
+    """Every ``data`` source of retrieval/sft/rft (base and variants) is the synthetic
+    world or an enabled dataset with a train split."""
+    from poserft.data.config import SYNTHETIC
+    enabled = cfg.sections["datasets"].enabled
+    where_data = [("retrieval", cfg.sections["retrieval"].data), ("sft", cfg.sections["sft"].data),
+                  ("rft", cfg.sections["rft"].data)]
+    for name, v in cfg.variants.items():
+        for sec in ("sft", "rft"):
+            override = getattr(v, sec) or {}
+            if "data" in override:
+                where_data.append((f"variants.{name}.{sec}", override["data"]))
+    for where, data in where_data:
+        for source in data:
+            if source != SYNTHETIC and source not in enabled:
+                raise ConfigError(
+                    f"{where}.data.{source}: not a data source; use '{SYNTHETIC}' or a dataset of "
+                    f"datasets.enabled ({enabled or 'none enabled'}); to train on {source}, add "
+                    "it to datasets.enabled")
+            if "train" not in cfg.source_splits(source):
+                raise ConfigError(
+                    f"{where}.data.{source}: the dataset has no 'train' split (its splits: "
+                    f"{cfg.source_splits(source)}); add one under datasets.{source}.splits or "
+                    "drop it from the mixture")
 
 
 def config_hash(section: Any) -> str:

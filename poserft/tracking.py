@@ -13,6 +13,8 @@ Browse the runs with ``mlflow ui --backend-store-uri sqlite:///results/mlflow.db
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -104,6 +106,34 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
+def dataset_input(name: str, path: str | os.PathLike, context: str, weight: float | None = None,
+                  profile: Mapping[str, Any] | None = None):
+    """An MLflow ``DatasetInput`` for split file ``path``: named ``name`` (e.g.
+    ``posescript/train``), digest from the file's path, size and mtime (a rewritten file is a
+    new dataset version), ``context`` ('train', 'val', 'test') and the mixture ``weight`` as
+    input tags, ``profile`` (row counts) shown in the UI."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    p = Path(path).resolve()
+    st = p.stat()
+    digest = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    tags = [InputTag("mlflow.data.context", context)]
+    if weight is not None:
+        tags.append(InputTag("weight", f"{float(weight):g}"))
+    dataset = Dataset(name=name, digest=digest, source_type="local",
+                      source=json.dumps({"uri": str(p)}),
+                      profile=json.dumps(dict(profile)) if profile else None)
+    return DatasetInput(dataset=dataset, tags=tags)
+
+
+def record_datasets(tracker, datasets: list[Mapping[str, Any]]) -> None:
+    """``tracker.log_datasets(datasets)`` when the tracker records datasets (a test double or
+    another rank's null tracker may not)."""
+    log = getattr(tracker, "log_datasets", None)
+    if log is not None:
+        log(datasets)
+
+
 class NullTracker:
     """Tracker that records nothing (non-zero ranks, tests, tracking disabled)."""
 
@@ -113,6 +143,7 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_datasets(self, datasets: list[Mapping[str, Any]]) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
     def __enter__(self):
@@ -194,6 +225,12 @@ class Tracker(NullTracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self._client.set_tag(self.run_id, k, str(v))
+
+    def log_datasets(self, datasets: list[Mapping[str, Any]]) -> None:
+        """Record the split files this run read as MLflow run inputs (the UI's Datasets
+        column): :func:`dataset_input` of each ``{name, path, context, weight?, profile?}``."""
+        if datasets:
+            self._client.log_inputs(self.run_id, datasets=[dataset_input(**d) for d in datasets])
 
     def end(self, status: str = "FINISHED") -> None:
         if self.owns_run and not self._ended:

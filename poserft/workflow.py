@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from poserft.config import SECTIONS, config_hash, section_class
 from poserft.tracking import NullTracker, Tracker, git_commit, rank_zero
 
-__all__ = ["job", "plain", "typed_params"]
+__all__ = ["job", "plain", "typed_params", "source_split_paths"]
 
 
 def plain(obj: Any) -> Any:
@@ -38,6 +38,17 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     return obj
+
+
+def source_split_paths(inputs: Any) -> dict[str, dict[str, str]]:
+    """``{source: {split: path}}`` from a rule's named inputs ``<source>__<split>`` (what
+    :meth:`poserft.config.WorkflowConfig.training_files` names them), in input order."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in inputs.items():
+        if "__" in key:
+            source, split = key.rsplit("__", 1)
+            out.setdefault(source, {})[split] = str(value)
+    return out
 
 
 def typed_params(params: dict) -> dict:

@@ -65,6 +65,17 @@ def pose_encoder_inputs():
     return []
 
 
+def tokenizer_corpus():
+    """Train splits whose captions and VQA texts train the BPE tokenizer: every source of
+    retrieval.data and of each variant's sft.data. None with tokenizer.pretrained."""
+    if CFG["tokenizer"].pretrained:
+        return {}
+    files = dict(CFG.training_files("retrieval", splits=("train",)))
+    for v in VARIANTS:
+        files.update(CFG.training_files("sft", CFG.sft_owner(v), splits=("train",)))
+    return files
+
+
 def dataset_params(name):
     """Only what dataset `name`'s download/conversion reads, so editing one dataset's
     section reruns that dataset alone."""

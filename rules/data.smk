@@ -54,9 +54,11 @@ for _ds in REAL_DATASETS:
 
 
 rule tokenizer:
-    """Train the project tokenizer on the synthetic corpus (cached; embedded world only)."""
+    """The tokenizer: with tokenizer.pretrained, the backbone's own (extended with
+    <image>/<POSE>; reads no data); else a BPE trained on the texts of the training sources'
+    train splits (the embedded world: the synthetic corpus; cached)."""
     input:
-        train="data/synthetic/train.h5",
+        **tokenizer_corpus(),
     output:
         f"{RESULTS}/tokenizer/tokenizer.json",
     params:

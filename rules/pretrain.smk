@@ -22,7 +22,8 @@ rule pretrain_pose_encoder:
 rule sft:
     """Supervised pretraining of one variant's pose MLLM (text->pose, image->pose, VQA)."""
     input:
-        **synthetic_splits(),
+        # the train/val splits of the variant's sft.data sources (<source>__<split>)
+        unpack(lambda wc: CFG.training_files("sft", wc.variant)),
         tokenizer=f"{RESULTS}/tokenizer/tokenizer.json",
         pose_encoder=pose_encoder_inputs(),
     output:

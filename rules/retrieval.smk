@@ -3,7 +3,8 @@
 
 rule train_retrieval:
     input:
-        **synthetic_splits(),
+        # the splits of retrieval.data's sources (data/<source>/<split>.h5 as <source>__<split>)
+        **CFG.training_files("retrieval", splits=("train", "val", "test")),
         tokenizer=f"{RESULTS}/tokenizer/tokenizer.json",
     output:
         model=f"{RESULTS}/retrieval/{{role}}/model.safetensors",

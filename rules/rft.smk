@@ -3,7 +3,9 @@
 
 rule rft:
     input:
-        **synthetic_splits(),
+        # the prompt sources of the variant's rft.data (<source>__<split>: train, and val for
+        # the held-out measurement)
+        unpack(lambda wc: CFG.training_files("rft", wc.variant)),
         sft=lambda wc: f"{sft_dir(wc.variant, wc.seed)}/model.safetensors",
         reward_model=f"{RESULTS}/retrieval/reward/model.safetensors",
     output:

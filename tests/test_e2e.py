@@ -157,6 +157,18 @@ def test_editing_one_variant_reruns_that_variant_only(finished_run):
     assert not {"synthesize", "tokenizer", "train_retrieval", "rft"} & set(jobs)
 
 
+def test_editing_a_training_mixture_reruns_that_stage_and_downstream_only(finished_run):
+    """A mixture is config (issue #15): re-weighting sft.data reruns the SFTs and what
+    follows, never the data, the tokenizer or the retrieval models."""
+    jobs = _dry_run_with(finished_run, "edit_mix.yaml", {"sft": {"data": {"synthetic": 2.0}}})
+    assert jobs.get("sft") == 4 and jobs.get("rft") == 2
+    assert not {"synthesize", "tokenizer", "train_retrieval"} & set(jobs)
+    jobs = _dry_run_with(finished_run, "edit_retrieval_mix.yaml",
+                         {"retrieval": {"data": {"synthetic": 2.0}}})
+    assert jobs.get("train_retrieval") == 2 and jobs.get("rft") == 2
+    assert not {"synthesize", "tokenizer", "sft"} & set(jobs)
+
+
 def test_editing_synth_reruns_everything(finished_run):
     jobs = _dry_run_with(finished_run, "edit_synth.yaml", {"synth": {"num_train": 250}})
     assert {"synthesize", "tokenizer", "train_retrieval", "sft", "rft", "evaluate"} <= set(jobs)

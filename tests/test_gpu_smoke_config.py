@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from snakemake.utils import validate
 from workflow_helpers import planned_jobs
 
@@ -195,3 +196,20 @@ def test_paper_config_dag_still_builds(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     jobs = planned_jobs(out)
     assert jobs["sft"] == 4 and jobs["rft"] == 2 and jobs["evaluate"] == 6, jobs
+    # issue #15: every training stage reads the paper's datasets, not the synthetic world
+    inputs = {}
+    for block in out.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0].strip()
+        line = next((ln for ln in block.splitlines() if ln.strip().startswith("input:")), "")
+        inputs.setdefault(rule, set()).update(x.strip() for x in line.split(":", 1)[-1].split(","))
+    paper = yaml.safe_load(PAPER.read_text())
+    want = {"train_retrieval": paper["retrieval"]["data"], "sft": paper["sft"]["data"],
+            "rft": paper["rft"]["data"]}
+    assert set(want["train_retrieval"]) == {"posescript"}
+    for rule, sources in want.items():
+        read = {p.split("/")[1] for p in inputs[rule] if p.startswith("data/")}
+        assert read == set(sources), (rule, read)
+        assert f"data/{next(iter(sources))}/train.h5" in inputs[rule]
+    assert not any(p.startswith("data/synthetic") for r in want for p in inputs[r])
+    assert {"data/h36m/train.h5", "data/coco_eft/train.h5", "data/mpii_eft/train.h5",
+            "data/bedlam_script/train.h5", "data/llava_instruct/train.h5"} <= inputs["sft"]

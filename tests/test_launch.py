@@ -321,7 +321,7 @@ def _fake_snakemake(world, tmp_path: Path, uri: str, **resources):
     return types.SimpleNamespace(
         rule="sft", threads=1, config={"tracking": {"experiment": "launch", "enabled": True,
                                                     "tracking_uri": uri, "artifact_root": None}},
-        input=InputFiles(fromdict={"train": world["train"], "val": world["val"],
+        input=InputFiles(fromdict={"synthetic__train": world["train"], "synthetic__val": world["val"],
                                    "tokenizer": world["tokenizer"], "pose_encoder": []}),
         output=OutputFiles(fromdict={k: str(run / "final" / f) for k, f in (
             ("model", "model.safetensors"), ("config", "config.json"), ("tokenizer", "tokenizer.json"))}),

@@ -198,7 +198,7 @@ def test_sft_loss_components_match_independent_computation(trained):
 def test_joint_error_frames(trained):
     from poserft.body.rotations import axis_angle_to_rot6d
     policy, data = trained
-    a, b = data.pose6d[:3].clone(), data.pose6d[3:6].clone()
+    a, b = data.sources[0].poses.canonical[:3].clone(), data.sources[0].poses.canonical[3:6].clone()
     g = torch.Generator().manual_seed(0)
     a_rot, b_rot = a.clone(), b.clone()
     a_rot[:, :6] = axis_angle_to_rot6d(torch.randn(3, 3, generator=g))
@@ -228,7 +228,7 @@ def test_sft_learns_format_and_kinds(trained):
     assert res["image2pose/format_rate"] == 1.0 and res["text2pose/format_rate"] == 1.0
     assert res["image2pose/mpjpe_mm"] < 0.7 * res["image2pose/mean_pose_mpjpe_mm"]
     body = policy.body_model()
-    same = mpjpe_mm(body, data.pose6d[:4], data.pose6d[:4])
+    same = mpjpe_mm(body, data.sources[0].poses.canonical[:4], data.sources[0].poses.canonical[:4])
     assert torch.allclose(same, torch.zeros(4), atol=1e-3)
 
 
@@ -238,7 +238,7 @@ def test_mean_pose_floor_is_per_task(trained):
     _, data = trained
     for task in ("text2pose", "image2pose"):
         torch.testing.assert_close(data.mean_pose6d(task), data.task_targets(task).mean(0))
-    n_text, n_img = len(data.caption_pose), data.image_pose6d.shape[0]
+    n_text, n_img = len(data.sources[0].caption_pose), data.sources[0].poses.image.shape[0]
     pooled = (n_text * data.mean_pose6d("text2pose") + n_img * data.mean_pose6d("image2pose")) / (n_text + n_img)
     torch.testing.assert_close(data.mean_pose6d(), pooled)
     with pytest.raises(ValueError, match="no pose targets"):

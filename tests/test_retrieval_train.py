@@ -213,7 +213,7 @@ def test_bad_inputs_leave_no_output(world, tmp_path):
         train_retrieval(TRAIN_CFG, "reward", {**paths, "val": no_captions}, tok, out)
     with pytest.raises(ValueError, match="role 'judge'"):
         train_retrieval(TRAIN_CFG, "judge", paths, tok, out)
-    with pytest.raises(ValueError, match=r"lacks \['test'\]"):
+    with pytest.raises(ValueError, match=r"no source has a 'test' split"):
         train_retrieval(TRAIN_CFG, "reward", {"train": paths["train"], "val": paths["val"]},
                         tok, out)
     assert not out.exists()

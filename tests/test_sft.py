@@ -50,7 +50,7 @@ def test_task_mixing_is_deterministic_and_follows_weights(world):
     frac = np.mean([t == "text2pose" for t in tasks])
     assert abs(frac - 0.75) < 0.03          # 3200 draws: sd ~ 0.008
     ex = data.example("text2pose", 5)
-    assert ex.prompt == cfg.text2pose_prompt.format(caption=data.captions[5]) and ex.answer == cfg.pose_answer
+    assert ex.prompt == cfg.text2pose_prompt.format(caption=data.sources[0].captions[5]) and ex.answer == cfg.pose_answer
 
 
 def test_collate_targets_and_images(world):
@@ -78,14 +78,14 @@ def test_text2pose_targets_have_no_root_yaw(world):
     cfg = tiny_model_config()
     keep = SFTTaskData(world["train"], cfg, {"text2pose": 1})
     drop = SFTTaskData(world["train"], cfg, {"text2pose": 1}, text2pose_remove_yaw=True)
-    r_keep, r_drop = rot6d_to_matrix(keep.text_pose6d[:, :6]), rot6d_to_matrix(drop.text_pose6d[:, :6])
+    r_keep, r_drop = rot6d_to_matrix(keep.sources[0].poses.text[:, :6]), rot6d_to_matrix(drop.sources[0].poses.text[:, :6])
     assert yaw_angle(r_keep).abs().max() > 0.3                 # the toy roots do have yaw
     torch.testing.assert_close(yaw_angle(r_drop), torch.zeros(len(r_drop)), atol=1e-5, rtol=0)
     # only the yaw changed: R_keep = R_y(yaw) @ R_drop, and the body joints are untouched
     torch.testing.assert_close(rotation_about_y(yaw_angle(r_keep)) @ r_drop, r_keep, atol=1e-5, rtol=0)
-    torch.testing.assert_close(drop.text_pose6d[:, 6:], keep.text_pose6d[:, 6:])
+    torch.testing.assert_close(drop.sources[0].poses.text[:, 6:], keep.sources[0].poses.text[:, 6:])
     ex = drop.example("text2pose", 2)
-    torch.testing.assert_close(drop.collate([ex])["poses"][0], drop.text_pose6d[ex.pose_index])
+    torch.testing.assert_close(drop.collate([ex])["poses"][0], drop.sources[0].poses.text[ex.pose_index])
 
 
 def test_missing_task_data_is_dropped_or_rejected(tmp_path, caplog):

@@ -9,7 +9,7 @@ is active.
 from pathlib import Path
 
 from poserft.train.launch import job_nproc, launch_local
-from poserft.workflow import job
+from poserft.workflow import job, source_split_paths
 
 with job(snakemake) as (params, tracker):  # noqa: F821 (snakemake is injected)
     # imported here: torch loads after job() has set the thread limits and the log file
@@ -18,7 +18,7 @@ with job(snakemake) as (params, tracker):  # noqa: F821 (snakemake is injected)
     inp, out = snakemake.input, snakemake.output  # noqa: F821
     kwargs = dict(rft_cfg=params["rft"], sft_dir=str(Path(inp.sft).parent),
                   reward_model_dir=str(Path(inp.reward_model).parent),
-                  split_paths={s: str(inp[s]) for s in ("train", "val")},
+                  split_paths=source_split_paths(inp),
                   out_dir=str(Path(out.model).parent), text_embedder=params["text_embedder"],
                   body_cfg=params["body"], checkpoint_dir=params["checkpoint_dir"])
     summary = launch_local(run_rft, kwargs, job_nproc(snakemake), tracker=tracker)  # noqa: F821

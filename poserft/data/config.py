@@ -78,3 +78,55 @@ class SynthConfig(Section):
                               f"{where}.fill_max ({self.fill_max}).")
         if len(set(self.archetypes)) != len(self.archetypes):
             raise ConfigError(f"{where}.archetypes: duplicate names in {self.archetypes}.")
+
+
+# ------------------------------------------------------------------ training data as config
+SYNTHETIC = "synthetic"          # the embedded world: data/synthetic/{split}.h5
+
+
+def data_option(stage: str, what: str):
+    """The ``data`` key of a training section: which sources feed ``stage``, with weights."""
+    return option(
+        {SYNTHETIC: 1.0},
+        f"Sources of {what} and their weights: dataset name -> weight. A name is "
+        f"'{SYNTHETIC}' (the embedded world) or an entry of datasets.enabled with a 'train' "
+        "split; the rule reads exactly these data/<name>/train.h5 files (and each one's "
+        "val.h5 where the dataset has that split), so editing this reruns "
+        f"{stage} and what follows. Each example's task is drawn first (task_weights), then "
+        "its source among those that provide the task, in proportion to these weights; a "
+        "source is read row by row, never loaded whole.")
+
+
+def check_data_weights(where: str, data: dict) -> None:
+    """Section-level check of a ``data`` mapping (names are checked against the enabled
+    datasets by :func:`poserft.config.load_config`, which sees both sections)."""
+    if not data:
+        raise ConfigError(f"{where}: no source; name at least one, e.g. {{{SYNTHETIC}: 1.0}}")
+    for name, weight in data.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
+            raise ConfigError(f"{where}.{name}: weight {weight!r} must be a number > 0 "
+                              "(remove the entry to drop the source)")
+
+
+@dataclass
+class LoaderConfig(Section):
+    """How a training stage reads its examples: workers, and images stored as file paths."""
+
+    num_workers: int = option(
+        0, "torch DataLoader worker processes that decode, crop and resize the images of a "
+           "batch ahead of the step (0: in the training process; the embedded world's "
+           "in-file images need none).", minimum=0)
+    prefetch_batches: int = option(2, "Batches each worker prepares ahead.", minimum=1)
+    image_size: int = option(
+        336, "Side of the person crop made from an /image_paths file (pixels) when no "
+             "image_processor is set. In-file /images (the synthetic world) are used as "
+             "stored; the model resizes to each encoder's input.", minimum=16)
+    image_processor: str | None = option(
+        None, "Hugging Face image processor (checkpoint name or local folder, e.g. the "
+              "backbone's llava-hf/llava-1.5-7b-hf) whose own resize + centre crop turns each "
+              "person crop into the vision tower's input. null: bilinear resize to image_size.")
+    on_bad_image: str = option(
+        "fail", "A missing or unreadable image file: 'fail' stops with an error naming the "
+                "split file, the row and the image; 'skip' drops that example (another one "
+                "is drawn in its place) and counts it in the logs and MLflow.",
+        choices=("fail", "skip"))

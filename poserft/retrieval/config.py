@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from poserft.configbase import ConfigError, Section, option
+from poserft.data.config import check_data_weights, data_option
 
 ROLES = ("reward", "evaluator")
 
@@ -61,6 +62,11 @@ class RetrievalConfig(Section):
                                 "gains little on an idle machine and thrashes on a shared one; "
                                 "a rule may pass its `threads`.", minimum=0)
 
+    data: dict[str, float] = data_option(
+        "train_retrieval", "caption-pose pairs (their train splits train, val splits pick the "
+        "best epoch, test splits give recall.json; weights set each source's share of an "
+        "epoch's batches)")
+
     # --- roles: reward model (used by RFT) and evaluator (used by evaluation)
     reward_seed: int = option(0, help="Seed of the reward model's init and batches.")
     evaluator_seed: int = option(1, help="Seed of the evaluator model's init and batches.")
@@ -91,6 +97,7 @@ class RetrievalConfig(Section):
         return self.reward_seed if role == "reward" else self.evaluator_seed
 
     def check(self, where: str) -> None:
+        check_data_weights(f"{where}.data", self.data)
         if self.text_encoder == "transformer" and self.d_model % self.n_heads:
             raise ConfigError(f"{where}.d_model ({self.d_model}) must be divisible by "
                               f"{where}.n_heads ({self.n_heads})")

@@ -63,6 +63,17 @@ def load_retrieval_split(path: str | os.PathLike) -> RetrievalSplit:
     return RetrievalSplit(str(path), vec.float(), captions, caption_pose)
 
 
+def concat_splits(parts: list[RetrievalSplit]) -> RetrievalSplit:
+    """The splits of several sources as one (pose rows and captions appended in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets = np.cumsum([0] + [p.pose_vec6d.shape[0] for p in parts[:-1]])
+    return RetrievalSplit("+".join(p.path for p in parts),
+                          torch.cat([p.pose_vec6d for p in parts]),
+                          [c for p in parts for c in p.captions],
+                          np.concatenate([p.caption_pose + o for p, o in zip(parts, offsets)]))
+
+
 def role_pose_subset(captioned_poses: np.ndarray, cfg: RetrievalConfig, role: str) -> np.ndarray:
     """The training poses of ``role`` (sorted pose ids) per ``cfg.role_subsets``."""
     pool = np.unique(captioned_poses)
@@ -178,16 +189,22 @@ def train_retrieval(cfg: RetrievalConfig | None, role: str,
                     tracker=None) -> dict:
     """Train the ``role`` ('reward' | 'evaluator') retrieval model; write it to ``out_dir``.
 
-    ``split_paths`` maps 'train', 'val', 'test' to HDF5 split files. Returns a summary:
+    ``split_paths``: the split files of ``cfg.data``'s sources, ``{source: {'train', 'val',
+    'test'}}`` (one source: just its ``{'train', 'val', 'test'}``). Each split is the
+    concatenation of the sources that have it; every source needs 'train', and val and test
+    must come from at least one. Returns a summary:
     role, seed, best_epoch, val_mRecall, test recall (both protocols), chance recall,
     test pair accuracy, number of training poses, seconds.
     """
     cfg = RetrievalConfig.expect(cfg, "train_retrieval: cfg")
     if role not in ROLES:
         raise ValueError(f"train_retrieval: role {role!r} is not one of {list(ROLES)}")
-    missing = [s for s in ("train", "val", "test") if s not in split_paths]
-    if missing:
-        raise ValueError(f"train_retrieval: split_paths lacks {missing} (got {sorted(split_paths)})")
+    from poserft.data.sources import resolve_sources
+    sources = resolve_sources(split_paths, cfg.data, "train_retrieval")
+    for split in ("val", "test"):
+        if not any(split in sp for _, sp in sources.values()):
+            raise ValueError(f"train_retrieval: no source has a {split!r} split (sources "
+                             f"{sorted(sources)}); model selection and recall.json need one")
     if tracker is None:
         from poserft.tracking import NullTracker
         tracker = NullTracker()
@@ -195,12 +212,12 @@ def train_retrieval(cfg: RetrievalConfig | None, role: str,
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     try:
-        return _train(cfg, role, split_paths, tokenizer_path, Path(out_dir), tracker)
+        return _train(cfg, role, sources, tokenizer_path, Path(out_dir), tracker)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(cfg: RetrievalConfig, role: str, split_paths: Mapping[str, str | os.PathLike],
+def _train(cfg: RetrievalConfig, role: str, sources: Mapping[str, tuple[float, dict[str, Path]]],
            tokenizer_path: str | os.PathLike | None, out_dir: Path, tracker) -> dict:
     started = time.time()
     seed = cfg.seed_for(role)
@@ -208,9 +225,32 @@ def _train(cfg: RetrievalConfig, role: str, split_paths: Mapping[str, str | os.P
     rng = np.random.default_rng(seed)
     device = torch.device(cfg.device)
 
-    splits = {name: load_retrieval_split(split_paths[name]) for name in ("train", "val", "test")}
+    from poserft.tracking import record_datasets
+    splits, records, sizes = {}, [], []
+    for split in ("train", "val", "test"):
+        parts = []
+        for name, (weight, paths) in sources.items():
+            if split in paths:
+                parts.append(load_retrieval_split(paths[split]))
+                if split == "train":
+                    sizes.append(int(parts[-1].pose_vec6d.shape[0]))
+                records.append({"name": f"{name}/{split}", "path": paths[split], "context": split,
+                                "weight": weight if split == "train" else None,
+                                "profile": {"poses": int(parts[-1].pose_vec6d.shape[0]),
+                                            "captions": len(parts[-1].captions)}})
+        splits[split] = concat_splits(parts)
+    record_datasets(tracker, records)
     train = splits["train"]
     train_poses = role_pose_subset(train.caption_pose, cfg, role)
+    # several sources: each epoch draws its poses with replacement so that source s gets a
+    # share weight_s / sum(weights) of them (one source: a plain permutation, as always)
+    pose_prob = None
+    if len(sources) > 1:
+        source_of_pose = np.repeat(np.arange(len(sizes)), sizes)[train_poses]
+        weights = np.array([w for w, _ in sources.values()], dtype=np.float64)
+        per_source = np.bincount(source_of_pose, minlength=len(sizes)).astype(np.float64)
+        pose_prob = weights[source_of_pose] / per_source[source_of_pose]
+        pose_prob /= pose_prob.sum()
     # captions grouped by pose, so one caption per pose can be drawn with two lookups
     order = np.argsort(train.caption_pose, kind="stable")
     counts = np.bincount(train.caption_pose, minlength=train.pose_vec6d.shape[0])
@@ -236,7 +276,8 @@ def _train(cfg: RetrievalConfig, role: str, split_paths: Mapping[str, str | os.P
     bar = tqdm(range(cfg.epochs), desc=f"retrieval[{role}]", unit="epoch")
     for epoch in bar:
         model.train()
-        perm = rng.permutation(train_poses)
+        perm = (rng.permutation(train_poses) if pose_prob is None else
+                rng.choice(train_poses, size=len(train_poses), replace=True, p=pose_prob))
         sums: dict[str, float] = {}
         for b in range(steps_per_epoch):  # the last incomplete batch is dropped
             pose_ids = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from poserft.configbase import ConfigError, Section, option
+from poserft.data.config import LoaderConfig, check_data_weights, data_option
 from poserft.model.config import DEFAULT_FORMAT_REGEX
 from poserft.train.config import SFT_TASKS, EngineConfig, OptimConfig
 
@@ -158,6 +159,10 @@ class RFTConfig(Section):
                                      "perfect pose gives a finite value.", exclusive_minimum=0.0)
     temperature: float = option(1.0, "Sampling temperature of the rollout.", exclusive_minimum=0.0)
     max_new_tokens: int = option(24, "Longest generated answer (tokens).", minimum=1)
+    data: dict[str, float] = data_option("rft", "RL prompts and their ground truth")
+    loader: LoaderConfig = option(LoaderConfig(), "Reading prompts: images stored as file "
+                                  "paths (crop, resize, bad files); num_workers is unused here "
+                                  "(a step reads only batch_size prompts).")
     task_weights: dict[str, float] = option(
         {"image2pose": 0.5, "text2pose": 0.5, "image2text": 0.0},
         "Sampling weight of each task when drawing RL prompts (normalised; tasks whose data "
@@ -188,6 +193,7 @@ class RFTConfig(Section):
         "checkpoint. seed seeds prompts and sampling.")
 
     def check(self, where: str) -> None:
+        check_data_weights(f"{where}.data", self.data)
         n = self.batch_size * self.group_size
         if n % self.micro_batch_size:
             raise ConfigError(

@@ -52,6 +52,7 @@ class PromptSampler:
 
     def __init__(self, data, task_weights: dict[str, float], seed: int = 0):
         self.data, self.seed = data, int(seed)
+        self.last_skipped = 0        # prompts redrawn for an unreadable image in the last batch
         missing = [t for t, w in task_weights.items() if w > 0 and data.task_sizes.get(t, 0) == 0]
         if missing:
             raise ValueError(f"{data.path}: rft.task_weights gives weight to {missing} but the split "
@@ -65,8 +66,7 @@ class PromptSampler:
         """(task, index within task) pairs for RL step ``step`` (deterministic)."""
         rng = np.random.default_rng([self.seed, 7919, int(step)])
         tasks = rng.choice(len(self.tasks), size=batch_size, p=self.probs)
-        return [(self.tasks[k], int(rng.integers(self.data.task_sizes[self.tasks[k]])))
-                for k in tasks]
+        return [(self.tasks[k], self.data.draw(rng, self.tasks[k])) for k in tasks]
 
     def rank_items(self, step: int, batch_size: int, rank: int = 0,
                    world_size: int = 1) -> list[tuple[str, int]]:
@@ -84,20 +84,24 @@ class PromptSampler:
 
     def sample(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> PromptBatch:
         """The prompts of :meth:`rank_items` (one rank: the whole draw of step ``step``)."""
-        return self.batch(self.rank_items(step, batch_size, rank, world_size))
+        return self.batch(self.rank_items(step, batch_size, rank, world_size),
+                          key=(7919, int(step), int(rank)))
 
     def first(self, task: str, n: int) -> PromptBatch | None:
         """The first ``n`` prompts of ``task`` (a fixed held-out set), or None if it has none."""
         m = min(n, self.data.task_sizes.get(task, 0))
-        return self.batch([(task, i) for i in range(m)]) if m else None
+        return self.batch([(task, i) for i in range(m)], key=(104729,)) if m else None
 
-    def batch(self, items: list[tuple[str, int]]) -> PromptBatch:
+    def batch(self, items: list[tuple[str, int]], key: tuple[int, ...] = (0,)) -> PromptBatch:
+        """The prompts of ``items``; one whose image cannot be read (``rft.loader.on_bad_image:
+        skip``) is replaced by another draw of its task (:meth:`SFTTaskData.with_images`)."""
         data = self.data
-        examples = [data.example(task, i) for task, i in items]
-        col = data.collate(examples)
-        captions = [data.captions[i] if task == "text2pose" else None for task, i in items]
-        answers = [data.vqa_answers[i] if task == "image2text" else None for task, i in items]
-        return PromptBatch(tasks=[t for t, _ in items], prompts=col["prompts"],
+        examples, images, self.last_skipped = data.with_images(
+            [data.example(task, i) for task, i in items], key)
+        col = data.collate(examples, images)
+        captions = [e.caption if e.task == "text2pose" else None for e in examples]
+        answers = [e.answer if e.task == "image2text" else None for e in examples]
+        return PromptBatch(tasks=[e.task for e in examples], prompts=col["prompts"],
                            images=col["images"], gt_poses=col["poses"], captions=captions,
                            reference_answers=answers)
 

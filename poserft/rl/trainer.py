@@ -402,6 +402,7 @@ def rft_step(engine, sampler: PromptSampler, step: int, ctx: RewardContext, cfg:
     metrics = {**rewards.metrics("reward"), **adv_metrics, **update}
     lengths = rollout.completion_mask.sum(-1).float()
     metrics.update({"rollout/prompts": float(len(batch)),
+                    "data/skipped_images": float(getattr(sampler, "last_skipped", 0) or 0),
                     "rollout/response_length": lengths.mean().item(),
                     "rollout/pose_valid_frac": rollout.pose_valid.float().mean().item(),
                     "time/generate_s": t_gen, "time/reward_s": t_rew,
@@ -612,12 +613,14 @@ def _resume_relevant(cfg: dict) -> dict:
     return out
 
 
-def rft_task_data(path, model_cfg, task_weights: dict[str, float], seed: int):
-    """Prompts and targets of RFT: the SFT task data with text->pose targets in the frame SFT
-    trained them (root yaw removed: a caption never says which way the body faces), so a
-    joint reward on text2pose prompts (``rft.reward_tasks``) compares like with like."""
+def rft_task_data(sources, model_cfg, task_weights: dict[str, float], seed: int, loader=None):
+    """Prompts and targets of RFT: the SFT task data (``sources``: a split file or
+    ``{name: (path, weight)}``) with text->pose targets in the frame SFT trained them (root
+    yaw removed: a caption never says which way the body faces), so a joint reward on
+    text2pose prompts (``rft.reward_tasks``) compares like with like."""
     from poserft.train.data import SFTTaskData
-    return SFTTaskData(path, model_cfg, task_weights, seed, text2pose_remove_yaw=True)
+    return SFTTaskData(sources, model_cfg, task_weights, seed, text2pose_remove_yaw=True,
+                       loader=loader, stage="rft.loader")
 
 
 @dataclass
@@ -647,9 +650,11 @@ def setup_rft(cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_
     from poserft.model.io import load_policy, resolve_policy_dir
     from poserft.train.engine import TrainEngine, run_fingerprint, seed_everything
 
+    from poserft.tracking import record_datasets
+    from poserft.train.data import resolve_sources
+
     cfg = RFTConfig.expect(cfg, "run_rft: rft_cfg")
-    if "train" not in split_paths:
-        raise ValueError(f"run_rft: split_paths needs a 'train' entry, got {sorted(split_paths)}")
+    sources = resolve_sources(split_paths, cfg.data, "run_rft")
     if tracker is None:
         from poserft.tracking import NullTracker
         tracker = NullTracker()
@@ -673,12 +678,16 @@ def setup_rft(cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_
         ref_copy = copy.deepcopy(policy)
 
     mix = cfg.sampled_tasks
-    sampler = PromptSampler(rft_task_data(split_paths["train"], policy.config, mix, cfg.engine.seed),
-                            mix, cfg.engine.seed)
+    train_sources = {n: (sp["train"], w) for n, (w, sp) in sources.items()}
+    val_sources = {n: (sp["val"], w) for n, (w, sp) in sources.items() if "val" in sp}
+    sampler = PromptSampler(rft_task_data(train_sources, policy.config, mix, cfg.engine.seed,
+                                          cfg.loader), mix, cfg.engine.seed)
+    record_datasets(tracker, sampler.data.dataset_records("train"))
     val_sampler = None
-    if split_paths.get("val") and cfg.eval_prompts:
-        val_data = rft_task_data(split_paths["val"], policy.config,
-                                 {t: 1.0 for t in HELDOUT_REWARDS}, cfg.engine.seed)
+    if val_sources and cfg.eval_prompts:
+        val_data = rft_task_data(val_sources, policy.config,
+                                 {t: 1.0 for t in HELDOUT_REWARDS}, cfg.engine.seed, cfg.loader)
+        record_datasets(tracker, val_data.dataset_records("val"))
         val_sampler = PromptSampler(val_data, {t: 1.0 for t in val_data.tasks}, cfg.engine.seed)
     heldout_tasks = () if val_sampler is None else tuple(
         t for t in HELDOUT_REWARDS if val_sampler.data.task_sizes.get(t, 0) > 0
@@ -689,7 +698,7 @@ def setup_rft(cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, out_
     fingerprint = run_fingerprint(
         _resume_relevant(cfg.to_dict()),
         [resolve_policy_dir(sft_dir) / "model.safetensors",
-         *(Path(p) for p in split_paths.values() if p),
+         *(p for _, sp in sources.values() for p in sp.values()),
          *([Path(reward_model_dir) / "model.safetensors"] if reward_model_dir else [])])
     engine = TrainEngine(policy, cfg.optim, cfg.engine, cfg.steps * cfg.mu, checkpoint_dir,
                          grad_accum=per_rank * cfg.group_size // cfg.micro_batch_size,
@@ -780,7 +789,9 @@ def run_rft(rft_cfg: RFTConfig, sft_dir, reward_model_dir, split_paths: dict, ou
         sft_dir: SFT run or policy directory (``load_policy`` resolves ``final/``); the
             policy's own saved config is its model config.
         reward_model_dir: frozen retrieval model for the semantic reward.
-        split_paths: ``{"train": h5, "val": h5}`` (val optional: held-out measurement).
+        split_paths: the split files of ``rft.data``'s sources, ``{source: {"train": h5, "val": h5}}``
+            (one source: just its ``{"train": h5, "val": h5}``; val optional: the held-out
+            measurement).
         out_dir: policy export + ``rft_summary.json`` (see module docstring).
         text_embedder: object with ``encode``, or the ``text_embedder`` section
             (TextEmbedderConfig), for the text reward; built only when that reward runs.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from poserft.configbase import ConfigError, Section, option
+from poserft.data.config import LoaderConfig, check_data_weights, data_option
 
 __all__ = ["OptimConfig", "EngineConfig", "SFTConfig", "SFT_TASKS"]
 
@@ -66,6 +67,9 @@ class SFTConfig(Section):
                         minimum=1)
     batch_size: int = option(16, "Examples per micro-batch (per rank).", minimum=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", minimum=1)
+    data: dict[str, float] = data_option("sft", "SFT examples (text->pose, image->pose, VQA)")
+    loader: LoaderConfig = option(LoaderConfig(), "Reading examples: DataLoader workers and "
+                                  "images stored as file paths (crop, resize, bad files).")
     task_weights: dict[str, float] = option(
         {"text2pose": 1.0, "image2pose": 1.0, "image2text": 0.5},
         "Sampling weight of each task (text2pose, image2pose, image2text). Tasks whose data "
@@ -99,6 +103,7 @@ class SFTConfig(Section):
     engine: EngineConfig = option(EngineConfig(), "Training engine.")
 
     def check(self, where: str) -> None:
+        check_data_weights(f"{where}.data", self.data)
         unknown = sorted(set(self.task_weights) - set(SFT_TASKS))
         if unknown:
             raise ConfigError(f"{where}.task_weights: unknown task(s) {unknown}; known: {list(SFT_TASKS)}")

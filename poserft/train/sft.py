@@ -96,20 +96,21 @@ def run_sft(model_cfg: ModelConfig | None, sft_cfg: SFTConfig | None,
             out_dir: str | os.PathLike, tracker=None) -> dict:
     """Train the policy with SFT; returns the summary written to ``out_dir/metrics.json``.
 
-    ``split_paths``: ``{"train": ..., "val": ...}`` HDF5 split files (val optional: used for
-    the end-of-training check). ``tokenizer_path``: the project tokenizer (ignored when
+    ``split_paths``: the split files of ``sft.data``'s sources, ``{source: {"train": ...,
+    "val": ...}}`` (or, with one source, just its ``{"train": ..., "val": ...}``; val
+    optional: the sources that have one make the end-of-training check). ``tokenizer_path``: the project tokenizer (ignored when
     ``model.checkpoint`` is set: the checkpoint's tokenizer is extended instead).
     """
     from poserft.model.heads import GaussianPoseHead
     from poserft.model.policy import PoseMLLM, build_policy
-    from poserft.train.data import SFTTaskData
+    from poserft.tracking import record_datasets
+    from poserft.train.data import SFTTaskData, StepBatches, resolve_sources
     from poserft.train.engine import (RESUME_NEUTRAL_ENGINE_KEYS, TrainEngine, run_fingerprint,
                                       seed_everything)
 
     model_cfg = ModelConfig.expect(model_cfg, "run_sft: model_cfg")
     sft_cfg = SFTConfig.expect(sft_cfg, "run_sft: sft_cfg")
-    if "train" not in split_paths:
-        raise ValueError(f"run_sft: split_paths needs a 'train' entry, got {sorted(split_paths)}")
+    sources = resolve_sources(split_paths, sft_cfg.data, "run_sft")
     tracker = _tracker_or_null(tracker)
     out_dir = Path(out_dir)
     seed_everything(sft_cfg.engine.seed)
@@ -122,8 +123,11 @@ def run_sft(model_cfg: ModelConfig | None, sft_cfg: SFTConfig | None,
         from poserft.text.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_path)
     policy = build_policy(model_cfg, tokenizer)
-    data = SFTTaskData(split_paths["train"], policy.config, sft_cfg.task_weights, sft_cfg.engine.seed,
-                       text2pose_remove_yaw=sft_cfg.text2pose_remove_yaw)
+    data = SFTTaskData({n: (sp["train"], w) for n, (w, sp) in sources.items()}, policy.config,
+                       sft_cfg.task_weights, sft_cfg.engine.seed,
+                       text2pose_remove_yaw=sft_cfg.text2pose_remove_yaw, loader=sft_cfg.loader,
+                       stage="sft.loader")
+    val_sources = {n: (sp["val"], w) for n, (w, sp) in sources.items() if "val" in sp}
     mean_pose = data.mean_pose6d()
     if sft_cfg.init_pose_bias_from_data:
         with torch.no_grad():  # overwritten by resume() when a checkpoint exists
@@ -135,7 +139,7 @@ def run_sft(model_cfg: ModelConfig | None, sft_cfg: SFTConfig | None,
                           if k not in RESUME_NEUTRAL_ENGINE_KEYS}
     fingerprint = run_fingerprint(
         {"model": model_cfg.to_dict(), "sft": sft_dict},
-        [*(Path(p) for p in split_paths.values() if p),
+        [*(p for _, sp in sources.values() for p in sp.values()),
          *([Path(tokenizer_path)] if tokenizer_path and not model_cfg.checkpoint else [])])
     engine = TrainEngine(policy, sft_cfg.optim, sft_cfg.engine, sft_cfg.steps, out_dir,
                          grad_accum=sft_cfg.grad_accum, micro_batch_size=sft_cfg.batch_size,
@@ -145,8 +149,9 @@ def run_sft(model_cfg: ModelConfig | None, sft_cfg: SFTConfig | None,
         tracker.log_params({"sft_num_parameters": n_params,
                             "sft_tasks": ",".join(data.tasks),
                             **{f"sft_task_size_{k}": v for k, v in data.task_sizes.items()}})
-        log.info("SFT: %d parameters, tasks %s (sizes %s), %d steps", n_params, data.tasks,
-                 data.task_sizes, sft_cfg.steps)
+        log.info("SFT: %d parameters, tasks %s (sizes %s, sources %s), %d steps", n_params,
+                 data.tasks, data.task_sizes, {s.name: s.weight for s in data.sources}, sft_cfg.steps)
+        record_datasets(tracker, data.dataset_records("train"))
     rank, world = engine.dist.rank, engine.dist.world_size
     weights = dict(lm_weight=sft_cfg.lm_weight, pose_weight=sft_cfg.pose_weight,
                    joint_weight=sft_cfg.joint_weight, joint_frame=sft_cfg.joint_frame,
@@ -157,16 +162,29 @@ def run_sft(model_cfg: ModelConfig | None, sft_cfg: SFTConfig | None,
         return model(PoseMLLM.sft_loss, batch, **weights)
 
     last: dict = {}
+    batches, skipped = None, 0
     for step in engine.steps():
-        micro_batches = [data.batch(step, micro * world + rank, sft_cfg.batch_size)
-                         for micro in range(sft_cfg.grad_accum)]
+        if batches is None:   # the first step after a resume: workers build batches from here
+            batches = iter(StepBatches(data, step, sft_cfg.steps, sft_cfg.grad_accum,
+                                       sft_cfg.batch_size, rank, world,
+                                       sft_cfg.loader.num_workers, sft_cfg.loader.prefetch_batches))
+        micro_batches = next(batches)
+        skipped += sum(mb.pop("skipped_images") for mb in micro_batches)
         last = engine.train_step(micro_batches, loss_fn)
+        if skipped and engine.is_main and step % sft_cfg.engine.log_every == 0:
+            engine.log({"skipped_images": skipped}, prefix="data/")
     final_dir = engine.export_policy(out_dir / "final")
 
     summary: dict = {"steps": engine.step, **{f"train/{k}": v for k, v in last.items()}}
-    if engine.is_main and sft_cfg.eval_samples and split_paths.get("val"):
-        val = SFTTaskData(split_paths["val"], policy.config, sft_cfg.task_weights, sft_cfg.engine.seed,
-                          text2pose_remove_yaw=sft_cfg.text2pose_remove_yaw)
+    if skipped:
+        log.warning("SFT: %d examples redrawn because their image was unreadable "
+                    "(sft.loader.on_bad_image: skip)", skipped)
+    summary["skipped_images"] = skipped
+    if engine.is_main and sft_cfg.eval_samples and val_sources:
+        val = SFTTaskData(val_sources, policy.config, sft_cfg.task_weights, sft_cfg.engine.seed,
+                          text2pose_remove_yaw=sft_cfg.text2pose_remove_yaw, loader=sft_cfg.loader,
+                       stage="sft.loader")
+        record_datasets(tracker, val.dataset_records("val"))
         task_means = {t: data.mean_pose6d(t) for t in ("text2pose", "image2pose") if t in data.tasks}
         results = quick_eval(policy, val, task_means, sft_cfg.eval_samples, sft_cfg.max_new_tokens)
         engine.log(results, prefix="val/")
