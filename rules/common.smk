@@ -84,6 +84,29 @@ def dataset_params(name):
     return {**{k: ds[k] for k in keep}, name: ds[name]}
 
 
+def posescript_reads_amass():
+    """PoseScript's converter reads the AMASS poses its ids name: from
+    datasets.posescript.amass_root, else from the amass dataset's root (then, with amass
+    enabled, only after download_amass has checked or fetched it)."""
+    return "posescript" in REAL_DATASETS and not CFG["datasets"].source("posescript").amass_root
+
+
+def convert_params(name):
+    """What convert_<name> reads: its own section, and for PoseScript also the amass
+    section when it takes the AMASS root from there (editing amass reruns it too)."""
+    params = dataset_params(name)
+    if name == "posescript" and posescript_reads_amass():
+        params["amass"] = CFG.params("datasets")["amass"]
+    return params
+
+
+def convert_inputs(name):
+    inputs = {"manifest": f"data/{name}/download_manifest.json"}
+    if name == "posescript" and posescript_reads_amass() and "amass" in REAL_DATASETS:
+        inputs["amass_manifest"] = "data/amass/download_manifest.json"
+    return inputs
+
+
 def metrics_files():
     return [f"{RUNS}/{v}/seed{s}/metrics.json" for v in VARIANTS for s in SEEDS]
 

@@ -38,11 +38,11 @@ for _ds in REAL_DATASETS:
         name:
             f"convert_{_ds}"
         input:
-            manifest=f"data/{_ds}/download_manifest.json",
+            **convert_inputs(_ds),
         output:
             **{s: f"data/{_ds}/{s}.h5" for s in dataset_splits(_ds)},
         params:
-            datasets=dataset_params(_ds),
+            datasets=convert_params(_ds),
             dataset=_ds,
             body=CFG.params("body"),
         log:

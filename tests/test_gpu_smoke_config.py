@@ -213,3 +213,5 @@ def test_paper_config_dag_still_builds(tmp_path):
     assert not any(p.startswith("data/synthetic") for r in want for p in inputs[r])
     assert {"data/h36m/train.h5", "data/coco_eft/train.h5", "data/mpii_eft/train.h5",
             "data/bedlam_script/train.h5", "data/llava_instruct/train.h5"} <= inputs["sft"]
+    # PoseScript reads the AMASS poses its ids name: after download_amass has run
+    assert "data/amass/download_manifest.json" in inputs["convert_posescript"]

@@ -566,6 +566,11 @@ def evaluate_variant(eval_cfg: EvalConfig, policy_dir: str | os.PathLike,
         if not path.is_file():
             raise FileNotFoundError(f"{path}: test split does not exist (run the rule that "
                                     f"produces it, e.g. `snakemake {path}`)")
+    if tracker is not None:     # the test splits scored, as MLflow run inputs
+        from poserft.tracking import record_datasets
+        record_datasets(tracker, [{"name": f"{name}/{Path(path).stem}", "path": path,
+                                   "context": "test"}
+                                  for name, path in {**image_splits, **text_splits}.items()])
     device = resolve_device(cfg.device)
     start = time.perf_counter()
     timings: dict[str, float] = {}
