@@ -259,3 +259,23 @@ def test_truncated_weights_give_a_named_error(tmp_path, keep):
     assert isinstance(info.value, (io.PolicyFileError, ValueError))
     with pytest.raises(io.PolicyCheckpointError, match="truncated or corrupt"):
         io.read_weights_header(weights)
+
+
+def test_vitpose_reads_the_central_4_3_window_of_a_square_crop():
+    """A square person crop reaches a 256x192-style ViTPose as its central h:w = 4:3 window,
+    resized (not the whole square squashed): checked against slicing + resizing by hand."""
+    import torch.nn.functional as F
+
+    from poserft.model.vision import IMAGENET_MEAN, IMAGENET_STD, crop_to_aspect, resize_normalize
+    unit = torch.rand(2, 3, 64, 64)
+    window = crop_to_aspect(unit, (32, 24))
+    assert window.shape[-2:] == (64, 48)
+    torch.testing.assert_close(window, unit[..., 8:56])
+    assert crop_to_aspect(unit, (16, 16)) is unit                       # square: unchanged
+    assert crop_to_aspect(unit[..., :48], (64, 64)).shape[-2:] == (48, 48)  # too tall: rows cut
+    got = resize_normalize(window, (32, 24), IMAGENET_MEAN, IMAGENET_STD)
+    ref = F.interpolate(unit[..., 8:56], size=(32, 24), mode="bilinear", align_corners=False,
+                        antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, (ref - mean) / std)

@@ -20,7 +20,8 @@ from torch import nn
 from poserft.model.config import PoseViTConfig
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "to_unit_images",
-           "resize_normalize", "clip_patch_features", "PoseViTEncoder", "ConvPoseEncoder",
+           "resize_normalize", "crop_to_aspect", "clip_patch_features", "PoseViTEncoder",
+           "ConvPoseEncoder",
            "build_pose_vit", "save_pose_vit", "pose_encoder_config", "pose_encoder_from_config",
            "PoseEncoderCheckpointError", "CONV_MODEL_TYPE"]
 
@@ -65,6 +66,26 @@ def resize_normalize(unit: torch.Tensor, size: tuple[int, int], mean, std) -> to
     return (unit - m) / s
 
 
+def crop_to_aspect(unit: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B,3,H,W) -> the centred (B,3,H',W') window with the aspect ratio of ``size`` (h,w).
+
+    Person crops arrive square (the loader's box); ViTPose reads 256x192 (h:w = 4:3) boxes
+    of the same person. Taking the central 3/4 of the square's width, instead of squashing the
+    whole square to 4:3, keeps the body's proportions as ViTPose was trained on them (a person
+    is taller than wide, so the cut columns are background). Square targets: unchanged."""
+    h, w = unit.shape[-2:]
+    th, tw = size
+    if h * tw == w * th:
+        return unit
+    if w * th > h * tw:                               # too wide: cut columns
+        keep = max(1, round(h * tw / th))
+        lo = (w - keep) // 2
+        return unit[..., lo:lo + keep]
+    keep = max(1, round(w * th / tw))                 # too tall: cut rows
+    lo = (h - keep) // 2
+    return unit[..., lo:lo + keep, :]
+
+
 def _pair(x) -> tuple[int, int]:
     return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
 
@@ -98,7 +119,8 @@ class PoseViTEncoder(nn.Module):
         self.hidden_size = cfg.hidden_size
 
     def forward(self, unit: torch.Tensor) -> torch.Tensor:
-        pixels = resize_normalize(unit, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
+        pixels = resize_normalize(crop_to_aspect(unit, self.image_size), self.image_size,
+                                  IMAGENET_MEAN, IMAGENET_STD)
         pixels = pixels.to(next(self.backbone.parameters()).dtype)
         # dataset_index selects the expert in MoE ViTPose+ checkpoints; 0 for single-expert.
         idx = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
