@@ -343,3 +343,25 @@ def test_posescript_empty_captions_are_reported(tmp_path, caplog):
     assert "1 empty caption(s)" in auto_msg and "pose ids 3" in auto_msg
     assert human_msg.startswith(str(tmp_path / "ps/posescript_human_6293.json"))
     assert "2 empty caption(s)" in human_msg and "pose ids 1, 2" in human_msg
+
+
+def test_posescript_finds_sequences_under_the_current_release_folder_names(tmp_path):
+    """PoseScript's id map names the older release's folders (BioMotionLab_NTroje/...); an
+    AMASS root unpacked from the current release has BMLrub/... and must convert the same."""
+    amass_root = tmp_path / "amass"
+    written = write_amass_tree(amass_root, {"BMLrub": 2}, n_frames=10)
+    old_names = {k.replace("BMLrub", "BioMotionLab_NTroje", 1): v for k, v in written.items()}
+    id_map = write_posescript_release(tmp_path / "ps", old_names,
+                                      {"train": [0, 1, 2], "val": [], "test": []},
+                                      {0: "Arms up.", 1: "Knees bent.", 2: "Sitting."}, {})
+    assert all(entry[1].startswith("BioMotionLab_NTroje/") for entry in id_map.values())
+    cfg = DatasetsConfig.from_dict({"posescript": {"amass_root": str(amass_root)}},
+                                   where="datasets")
+    out = {"train": tmp_path / "out" / "train.h5"}
+    convert("posescript", cfg, tmp_path / "ps", out, None, progress=False)
+    r = SplitReader(out["train"])
+    for row, pid in enumerate(r.read("meta/posescript_id")):
+        _, seq, frame = id_map[int(pid)]
+        src = old_names[seq]
+        np.testing.assert_allclose(r.read("poses/body_pose", row)[:21],
+                                   src["poses"][frame, 3:66].reshape(21, 3), atol=1e-6)

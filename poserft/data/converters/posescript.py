@@ -93,6 +93,20 @@ def _pose_location(id_map: dict, pid: int, file: Path) -> tuple[str, int]:
     return entry[1], entry[2]
 
 
+def sequence_path(amass_root: Path, seq: str) -> Path:
+    """The AMASS file of PoseScript's sequence ``seq``. The id map names sub-datasets as the
+    older SMPL+H G release did (``BioMotionLab_NTroje/...``); an unpacked newer release
+    (``BMLrub/...``) is found under its own folder name
+    (:func:`poserft.data.converters.amass.find_subdataset`)."""
+    from poserft.data.converters.amass import find_subdataset
+    path = Path(amass_root) / seq
+    if path.is_file():
+        return path
+    first, _, rest = seq.replace("\\", "/").partition("/")
+    folder = find_subdataset(Path(amass_root), first) if rest else None
+    return folder / rest if folder is not None else path
+
+
 def build_posescript(source: Any, raw_dir: Path, splits: list[str], body: Any, cfg: Any = None,
                      progress: bool = True) -> dict[str, SplitArrays]:
     """Join PoseScript captions to AMASS poses per split; see the module docstring."""
@@ -133,7 +147,7 @@ def build_posescript(source: Any, raw_dir: Path, splits: list[str], body: Any, c
         frame_of_row = np.zeros(n, np.int64)
         for seq, items in tqdm(sorted(by_seq.items()), desc=f"posescript/{split}",
                                disable=not progress, leave=False):
-            path = amass_root / seq
+            path = sequence_path(amass_root, seq)
             if seq not in sequences:
                 if not path.is_file():
                     raise ConversionError(path, "amass_root", "AMASS sequence named by PoseScript "
