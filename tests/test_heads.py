@@ -165,3 +165,27 @@ def test_joint_distances_frames():
                                0.5 * (glob + joint_distances(body, pred, target, "local")))
     with pytest.raises(ValueError, match="joint frame"):
         joint_distances(body, pred, target, "camera")
+
+
+@pytest.mark.parametrize("covariance", ["diag", "lowrank"])
+def test_fixed_scale_passes_gradients_to_the_mean_only(covariance):
+    """rft.learn_pose_std: false -> log_prob/KL gradients reach the mean, not std/factor;
+    the values are those of the original distribution."""
+    torch.manual_seed(0)
+    head = GaussianPoseHead(8, hidden=16, pose_dim=6, covariance=covariance, rank=2)
+    if head.factor_out is not None:
+        torch.nn.init.normal_(head.factor_out.weight, std=0.3)
+    dist = head(torch.randn(3, 8))
+    x = torch.randn(3, 6)
+    fixed = dist.with_fixed_scale()
+    torch.testing.assert_close(fixed.log_prob(x), dist.log_prob(x))
+    fixed.log_prob(x).sum().backward()
+    assert head.mean_out.weight.grad.abs().sum() > 0
+    assert head.log_std_out.weight.grad is None or head.log_std_out.weight.grad.abs().sum() == 0
+    if head.factor_out is not None:
+        assert head.factor_out.weight.grad is None or head.factor_out.weight.grad.abs().sum() == 0
+    # the mean's gradient is the same as through the full distribution (d/dmu does not
+    # depend on whether the scale is learnt)
+    head.zero_grad()
+    mean_grad = torch.autograd.grad(dist.log_prob(x).sum(), dist.mean, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(fixed.log_prob(x).sum(), fixed.mean)[0], mean_grad)

@@ -698,3 +698,31 @@ def test_two_ranks_refuse_a_batch_that_does_not_split(world, tmp_path):
         launch_local(run_rft, kwargs, 2)
     assert "rft.batch_size=3" in str(e.value) and "2 ranks" in str(e.value)
     assert not (tmp_path / "rft").exists()
+
+
+@pytest.mark.parametrize("learn_std", [True, False])
+def test_learn_pose_std_false_leaves_the_std_output_alone(world, tmp_path, learn_std):
+    """rft.learn_pose_std: false -> the continuous loss's gradient reaches the head's mean
+    output, never its log-std output (true: both)."""
+    cfg = _cfg(mode="hygrpo", learn_pose_std=learn_std, beta_token=0.0)
+    policy, reference, sampler, ctx, engine = _setup(world, cfg, tmp_path)
+    from poserft.rl.rewards import compute_rewards
+    from poserft.rl.rollout import generate_group, reward_inputs
+
+    batch = sampler.sample(0, cfg.batch_size)
+    rollout = generate_group(policy, batch, cfg.group_size, cfg.max_new_tokens, 1.0,
+                             torch.Generator().manual_seed(0))
+    assert bool(rollout.pose_valid.any())
+    rewards = compute_rewards(reward_inputs(batch, rollout), ctx, cfg.reward_weights,
+                              cfg.discrete_rewards, cfg.continuous_rewards)
+    micro, _ = T.prepare_micro_batches(batch, rollout, rewards, cfg, reference)
+    loss_fn = T.make_loss_fn(batch, cfg, len(micro), T.OldLogProbs.empty(len(micro)), on_policy=True)
+    policy.train()
+    policy.zero_grad()
+    for mb in micro:
+        loss, _ = loss_fn(policy, mb)
+        loss.backward()
+    head = policy.pose_head
+    std_grad = head.log_std_out.weight.grad
+    assert head.mean_out.weight.grad.abs().sum() > 0
+    assert (std_grad is not None and std_grad.abs().sum() > 0) == learn_std

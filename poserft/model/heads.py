@@ -209,6 +209,12 @@ class PoseGaussian:
         return out
 
     @_full_precision
+    def with_fixed_scale(self) -> "PoseGaussian":
+        """The same distribution with its std (and low-rank factor) detached: gradients of
+        a log-density or KL through it reach the mean only."""
+        return PoseGaussian(self._mean, self.std.detach(),
+                            None if self.factor is None else self.factor.detach())
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) log density of x (B,k) (or (k,), broadcast over rows)."""
         x = x.to(self._mean.dtype)

@@ -107,6 +107,11 @@ class RFTConfig(Section):
                                "(SFT) policy; 0 disables the reference forward.", minimum=0.0)
     beta_pose: float = option(0.01, "Coefficient of the pose KL (summed over the 144 dims) to "
                               "the reference policy.", minimum=0.0)
+    learn_pose_std: bool = option(
+        True, "true: the PPO and KL terms of the continuous branch move the head's mean and "
+              "its std (and low-rank factor). false: only the mean; the std is held at what "
+              "the policy gives (no gradient through it), so the samples keep exploring "
+              "instead of the std shrinking, which raises the sampled reward most cheaply.")
     token_kl_estimator: str = option(
         "k3", "Per-token KL estimator (Schulman): k1 = log ratio, k2 = squared/2, k3 = "
         "unbiased and non-negative (GRPO).", choices=TOKEN_KL_ESTIMATOR_NAMES)

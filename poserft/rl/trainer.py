@@ -335,7 +335,7 @@ def make_loss_fn(batch: PromptBatch, cfg: RFTConfig, n_micro: int, old: OldLogPr
                           ref_token_logprobs=mb.ref_token_logprobs, completion_mask=tok_mask,
                           token_advantages=mb.token_advantages)
         if cfg.uses_pose:
-            dist = out.pose_dist
+            dist = out.pose_dist if cfg.learn_pose_std else out.pose_dist.with_fixed_scale()
             pose_lp = dist.log_prob(r.pose_sample)
             v = mb.pose_valid
             if on_policy:
