@@ -63,8 +63,11 @@ class EngineConfig(Section):
 class SFTConfig(Section):
     """Supervised pretraining of the pose MLLM on mixed tasks from the HDF5 splits."""
 
-    steps: int = option(1500, "Optimizer steps (about 2 min for the embedded world on one core).",
-                        minimum=1)
+    steps: int = option(
+        3500, "Optimizer steps (about 4 min for the embedded world on one core). Text->pose "
+              "is bounded by steps: one dist seed read test text PA-MPJPE 157.2 mm at 1500 "
+              "steps, 138.9 at 3000, 131.4 at 4000 (docs/embedded_world.md, section 10).",
+        minimum=1)
     batch_size: int = option(16, "Examples per micro-batch (per rank).", minimum=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", minimum=1)
     data: dict[str, float] = data_option("sft", "SFT examples (text->pose, image->pose, VQA)")
