@@ -344,7 +344,10 @@ def test_full_recall_with_pose_groups_matches_loop_and_unique_pose_protocol():
     want = _recall_with_groups_loop(text, copies, groups, ks)
     for key in want:
         assert grouped[key] == pytest.approx(want[key]), key
-    assert plain["t2p_R@1"] == 0.0 and plain["t2p_R@3"] > 0.0     # beaten by its 2 copies
+    # beaten by its 2 copies: they score the same as the ground truth up to the last bit of
+    # the matmul (which rows of a GEMM tile round alike depends on the CPU's kernel), and a
+    # tie counts against the query, so R@1 is at most a few lucky roundings
+    assert plain["t2p_R@1"] < 10.0 and plain["t2p_R@3"] > 0.0
     assert grouped["t2p_R@1"] > 50.0
     with pytest.raises(ValueError, match="protocol='full'"):
         retrieval_recall(text, pose, np.arange(30), ks=ks, protocol="sampled", n_candidates=8,
