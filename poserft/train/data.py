@@ -72,23 +72,32 @@ class SplitPoses:
     @classmethod
     def read(cls, reader, text2pose_remove_yaw: bool) -> "SplitPoses":
         """From an open :class:`poserft.data.h5io.SplitReader`."""
-        from poserft.body import smpl_to_vec6d
-        from poserft.retrieval.features import pose6d_without_root_yaw
-
-        poses = reader.poses()
-        go = torch.as_tensor(np.asarray(poses["global_orient"]), dtype=torch.float32)
-        bp = torch.as_tensor(np.asarray(poses["body_pose"]), dtype=torch.float32)
-        canonical = smpl_to_vec6d(go, bp)                                     # (N,144)
-        text = pose6d_without_root_yaw(canonical) if text2pose_remove_yaw else canonical
-        if reader.has("image_pose/global_orient"):
-            cam = torch.as_tensor(np.asarray(reader.read("image_pose/global_orient")),
-                                  dtype=torch.float32)
-            image = smpl_to_vec6d(cam, bp)
-        else:
-            image = canonical
+        canonical, text, image = cls.frames(reader, text2pose_remove_yaw)
         caption_pose = (np.asarray(reader.read("captions/pose_index"), dtype=np.int64)
                         if reader.has("captions/text") else np.zeros(0, np.int64))
         return cls(canonical, text, image, caption_pose)
+
+    @staticmethod
+    def frames(reader, text2pose_remove_yaw: bool, rows: np.ndarray | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(canonical, text, image) (n,144) float32 of pose ``rows`` (sorted, unique; None:
+        all), each as the class docstring defines it."""
+        from poserft.body import smpl_to_vec6d
+        from poserft.retrieval.features import pose6d_without_root_yaw
+
+        go = torch.as_tensor(np.asarray(reader.read("poses/global_orient", rows)),
+                             dtype=torch.float32).reshape(-1, 3)
+        bp = torch.as_tensor(np.asarray(reader.read("poses/body_pose", rows)),
+                             dtype=torch.float32).reshape(-1, 23, 3)
+        canonical = smpl_to_vec6d(go, bp)                                     # (n,144)
+        text = pose6d_without_root_yaw(canonical) if text2pose_remove_yaw else canonical
+        if reader.has("image_pose/global_orient"):
+            cam = torch.as_tensor(np.asarray(reader.read("image_pose/global_orient", rows)),
+                                  dtype=torch.float32).reshape(-1, 3)
+            image = smpl_to_vec6d(cam, bp)
+        else:
+            image = canonical
+        return canonical, text, image
 
     def task_targets(self, task: str) -> torch.Tensor:
         """(n,144) 6D targets of every example of a pose task (text2pose: one per caption;
@@ -212,19 +221,9 @@ class _Source:
         return self._read_targets(task, np.asarray(rows, dtype=np.int64))
 
     def _read_targets(self, task: str, rows: np.ndarray) -> torch.Tensor:
-        from poserft.body import smpl_to_vec6d
-        from poserft.retrieval.features import pose6d_without_root_yaw
         uniq, inverse = np.unique(rows, return_inverse=True)     # h5py wants sorted unique rows
-        r = self.reader
-        bp = torch.as_tensor(np.asarray(r.read("poses/body_pose", uniq)), dtype=torch.float32)
-        if task == "image2pose" and r.has("image_pose/global_orient"):
-            key = "image_pose/global_orient"
-        else:
-            key = "poses/global_orient"
-        go = torch.as_tensor(np.asarray(r.read(key, uniq)), dtype=torch.float32)
-        vec = smpl_to_vec6d(go.reshape(-1, 3), bp.reshape(-1, 23, 3))
-        if task == "text2pose" and self.remove_yaw:
-            vec = pose6d_without_root_yaw(vec)
+        canonical, text, image = SplitPoses.frames(self.reader, self.remove_yaw, uniq)
+        vec = {"text2pose": text, "image2pose": image}.get(task, canonical)
         return vec[torch.as_tensor(inverse.reshape(-1))]
 
     def task_rows(self, task: str) -> np.ndarray:
@@ -262,7 +261,6 @@ class SFTTaskData:
         if not sources:
             raise ValueError("SFTTaskData: no sources")
         self.cfg, self.seed = model_cfg, int(seed)
-        self.loader = loader
         self.sources = [_Source(name, path, weight, text2pose_remove_yaw, loader, stage)
                         for name, (path, weight) in sources.items()]
         self.path = self.sources[0].path if len(self.sources) == 1 else \
