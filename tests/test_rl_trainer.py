@@ -726,3 +726,19 @@ def test_learn_pose_std_false_leaves_the_std_output_alone(world, tmp_path, learn
     std_grad = head.log_std_out.weight.grad
     assert head.mean_out.weight.grad.abs().sum() > 0
     assert (std_grad is not None and std_grad.abs().sum() > 0) == learn_std
+
+
+def test_pose_gradient_diagnostic_runs_on_a_saved_policy(world, capsys):
+    """`python -m poserft.rl.diagnostics` at the SFT policy: both pose tasks, both rewards,
+    finite cosines in [-1, 1] for iid and mirrored groups."""
+    from poserft.rl.diagnostics import main
+
+    assert main(["--policy", str(world["sft"] / "final"), "--split", str(world["splits"]["val"]),
+                 "--reward-model", str(world["reward"]), "--prompts", "2", "--group-sizes", "4,8",
+                 "--trials", "3", "--reference-pairs", "64", "--antithetic"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {f"{t}/G{g}{a}" for t in ("image2pose/joint", "text2pose/semantic")
+                           for g in (4, 8) for a in ("", "/antithetic")}
+    for row in report.values():
+        assert row["prompts"] >= 1 and row["std_mean"] > 0
+        assert -1.0 <= row["cos_raw"] <= 1.0 and 0.0 <= row["odd_share"] <= 1.0
