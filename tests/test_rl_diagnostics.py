@@ -106,3 +106,25 @@ def test_correction_for_a_noisy_reference():
     assert out["odd_share"] == pytest.approx(1.0)
     assert out["cos"] == pytest.approx(direct, abs=0.012)
     assert abs(out["cos_raw"] - direct) > 0.015
+
+
+def test_shift_alignment_of_a_linear_reward():
+    from poserft.rl.diagnostics import shift_alignment
+
+    k = 6
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 1.0])
+    mean, std = torch.zeros(k), torch.full((k,), 0.5)
+
+    def reward(x):
+        return x.double() @ w.double()
+
+    up = shift_alignment(reward, mean, std, 0.1 * w, reference_pairs=8192, generator=_gen())
+    assert up["shift_cos"] == pytest.approx(1.0, abs=0.03)
+    assert up["shift_rms_std"] == pytest.approx((0.1 * w / 0.5).pow(2).mean().sqrt().item())
+    assert up["reward_after"] - up["reward_before"] == pytest.approx(0.1 * w.pow(2).sum().item())
+    across = torch.tensor([0.0, 0.0, 0.0, 1.0, -1.0, 0.0])      # orthogonal to w
+    side = shift_alignment(reward, mean, std, across, reference_pairs=8192, generator=_gen())
+    assert side["shift_cos"] == pytest.approx(0.0, abs=0.03)
+    assert side["reward_after"] == pytest.approx(side["reward_before"])
+    with pytest.raises(ValueError, match="must be equal"):
+        shift_alignment(reward, mean, std, torch.zeros(k + 1))

@@ -742,3 +742,12 @@ def test_pose_gradient_diagnostic_runs_on_a_saved_policy(world, capsys):
     for row in report.values():
         assert row["prompts"] >= 1 and row["std_mean"] > 0
         assert -1.0 <= row["cos_raw"] <= 1.0 and 0.0 <= row["odd_share"] <= 1.0
+    # --compare against itself: nothing moved
+    assert main(["--policy", str(world["sft"] / "final"), "--split", str(world["splits"]["val"]),
+                 "--compare", str(world["sft"] / "final"), "--prompts", "2",
+                 "--reference-pairs", "64"]) == 0
+    shift = json.loads(capsys.readouterr().out)
+    assert set(shift) == {"image2pose/joint/shift"}
+    assert shift["image2pose/joint/shift"]["shift_rms_std"] == 0.0
+    assert shift["image2pose/joint/shift"]["reward_after"] == pytest.approx(
+        shift["image2pose/joint/shift"]["reward_before"])

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["score_gradient_alignment", "policy_gradient_alignment", "main"]
+__all__ = ["score_gradient_alignment", "shift_alignment", "policy_gradient_alignment", "main"]
 
 _MIN_RELIABILITY = 0.05      # below this the reference is too noisy to correct against
 
@@ -81,18 +81,7 @@ def score_gradient_alignment(reward_fn: Callable[[torch.Tensor], torch.Tensor],
     def reward(x: torch.Tensor) -> torch.Tensor:
         return reward_fn(x).double().reshape(-1)
 
-    halves, odd_var, even_var = [], [], []
-    for _ in range(2):
-        e = randn(reference_pairs // 2)
-        r_plus, r_minus = reward(mean + std * e), reward(mean - std * e)
-        odd, even = (r_plus - r_minus) / 2, (r_plus + r_minus) / 2
-        halves.append((odd[:, None] * e).mean(0) / std)
-        odd_var.append(odd.var().item())
-        even_var.append(even.var().item())
-    rho_half = _cos(halves[0], halves[1])
-    reliability = 2 * rho_half / (1 + rho_half) if rho_half > 0 else 0.0
-    reference = (halves[0] + halves[1]) / 2
-
+    reference, reliability, odd_share = _reference_gradient(reward, mean, std, reference_pairs, randn)
     raw = []
     for _ in range(trials):
         if antithetic:
@@ -103,11 +92,61 @@ def score_gradient_alignment(reward_fn: Callable[[torch.Tensor], torch.Tensor],
         adv = _group_normalised(reward(mean + std * e))
         raw.append(_cos((adv[:, None] * e).mean(0) / std, reference))
     cos_raw = float(np.mean(raw))
-    total = np.mean(odd_var) + np.mean(even_var)
-    return {"cos": cos_raw / math.sqrt(reliability) if reliability >= _MIN_RELIABILITY else math.nan,
-            "cos_raw": cos_raw, "reference_reliability": reliability,
-            "odd_share": float(np.mean(odd_var) / total) if total > 0 else math.nan,
+    return {"cos": _corrected(cos_raw, reliability), "cos_raw": cos_raw,
+            "reference_reliability": reliability, "odd_share": odd_share,
             "reward_at_mean": reward(mean[None]).item()}
+
+
+def _corrected(cos_raw: float, reliability: float) -> float:
+    return cos_raw / math.sqrt(reliability) if reliability >= _MIN_RELIABILITY else math.nan
+
+
+def _reference_gradient(reward, mean, std, pairs: int, randn):
+    """grad_mu J from ``pairs`` antithetic pairs in two halves -> (gradient (k,), Spearman-Brown
+    reliability of the average of the halves, odd share of the reward variance)."""
+    halves, odd_var, even_var = [], [], []
+    for _ in range(2):
+        e = randn(pairs // 2)
+        r_plus, r_minus = reward(mean + std * e), reward(mean - std * e)
+        odd, even = (r_plus - r_minus) / 2, (r_plus + r_minus) / 2
+        halves.append((odd[:, None] * e).mean(0) / std)
+        odd_var.append(odd.var().item())
+        even_var.append(even.var().item())
+    rho_half = _cos(halves[0], halves[1])
+    reliability = 2 * rho_half / (1 + rho_half) if rho_half > 0 else 0.0
+    total = np.mean(odd_var) + np.mean(even_var)
+    odd_share = float(np.mean(odd_var) / total) if total > 0 else math.nan
+    return (halves[0] + halves[1]) / 2, reliability, odd_share
+
+
+def shift_alignment(reward_fn: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor,
+                    std: torch.Tensor, new_mean: torch.Tensor, *, reference_pairs: int = 4096,
+                    generator: torch.Generator | None = None) -> dict[str, float]:
+    """Did a training run move the head mean up the reward, or at random?
+
+    ``mean, std`` (k,): the head before (e.g. the SFT policy); ``new_mean`` (k,): after
+    (the RFT policy) on the same prompt. Returns ``shift_cos`` (cosine of ``new_mean -
+    mean`` with ``grad_mu J`` at the old mean, corrected for the reference's noise as in
+    :func:`score_gradient_alignment`), ``shift_rms_std`` (RMS over dims of the shift in
+    units of the old std), ``reward_before`` / ``reward_after`` (the reward at each mean).
+    """
+    if not mean.shape == std.shape == new_mean.shape or mean.dim() != 1:
+        raise ValueError(f"mean {tuple(mean.shape)}, std {tuple(std.shape)} and new_mean "
+                         f"{tuple(new_mean.shape)} must be equal (k,)")
+    mean, std, new_mean = mean.double(), std.double(), new_mean.double()
+    k = mean.shape[0]
+
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        return reward_fn(x).double().reshape(-1)
+
+    reference, reliability, _ = _reference_gradient(
+        reward, mean, std, reference_pairs,
+        lambda n: torch.randn(n, k, dtype=torch.float64, generator=generator))
+    shift = new_mean - mean
+    return {"shift_cos": _corrected(_cos(shift, reference), reliability),
+            "shift_cos_raw": _cos(shift, reference), "reference_reliability": reliability,
+            "shift_rms_std": (shift / std).pow(2).mean().sqrt().item(),
+            "reward_before": reward(mean[None]).item(), "reward_after": reward(new_mean[None]).item()}
 
 
 def _prompt_reward_fn(reward: str, batch, p: int, ctx) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -129,38 +168,57 @@ def _prompt_reward_fn(reward: str, batch, p: int, ctx) -> Callable[[torch.Tensor
     return fn
 
 
-def policy_gradient_alignment(policy, sampler, ctx, task: str, reward: str, prompts: int = 24,
-                              seed: int = 0, **kwargs) -> dict[str, float]:
-    """:func:`score_gradient_alignment` at ``policy``'s greedy head mean and std on the first
-    ``prompts`` prompts of ``task`` in ``sampler`` (a :class:`~poserft.rl.rollout.PromptSampler`),
-    with reward ``reward`` from ``ctx``; the per-prompt results averaged (``*_se``: standard
-    error over prompts) plus ``prompts`` and ``std_mean`` (the head's mean std)."""
+def _greedy_heads(policy, batch):
+    """(mean (P,k), std (P,k), valid (P,)) of ``policy``'s head on the greedy answers."""
     from poserft.rl.rollout import generate_group
 
-    batch = sampler.first(task, prompts)
-    if batch is None:
-        raise ValueError(f"the split has no {task} prompts")
     roll = generate_group(policy, batch, 1, 24, 1.0, do_sample=False)
     if roll.pose_std is None:
         raise ValueError("the policy's head is deterministic: there is no pose policy gradient")
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for p in range(len(batch)):
-        if not bool(roll.pose_valid[p]):
-            continue
-        rows.append(score_gradient_alignment(
-            _prompt_reward_fn(reward, batch, p, ctx), roll.pose_mean[p].float().cpu(),
-            roll.pose_std[p].float().cpu(), generator=gen, **kwargs))
-    if not rows:
-        raise ValueError(f"no {task} prompt produced a <POSE> token")
-    out: dict[str, float] = {"prompts": float(len(rows)),
-                             "std_mean": roll.pose_std[roll.pose_valid].mean().item()}
+    return roll.pose_mean.float().cpu(), roll.pose_std.float().cpu(), roll.pose_valid.cpu()
+
+
+def _average(rows: list[dict[str, float]], extra: dict[str, float]) -> dict[str, float]:
+    out = dict(extra)
     for key in rows[0]:
         vals = np.array([r[key] for r in rows], dtype=np.float64)
         vals = vals[np.isfinite(vals)]
         out[key] = float(vals.mean()) if vals.size else math.nan
         out[f"{key}_se"] = float(vals.std(ddof=1) / math.sqrt(vals.size)) if vals.size > 1 else math.nan
     return out
+
+
+def policy_gradient_alignment(policy, sampler, ctx, task: str, reward: str, prompts: int = 24,
+                              seed: int = 0, compare=None, **kwargs) -> dict[str, float]:
+    """:func:`score_gradient_alignment` at ``policy``'s greedy head mean and std on the first
+    ``prompts`` prompts of ``task`` in ``sampler`` (a :class:`~poserft.rl.rollout.PromptSampler`),
+    with reward ``reward`` from ``ctx``; the per-prompt results averaged (``*_se``: standard
+    error over prompts) plus ``prompts`` and ``std_mean`` (the head's mean std).
+
+    ``compare``: a second policy (e.g. the RFT policy trained from ``policy``): then
+    :func:`shift_alignment` of its greedy mean instead, with ``reference_pairs`` from kwargs.
+    """
+    batch = sampler.first(task, prompts)
+    if batch is None:
+        raise ValueError(f"the split has no {task} prompts")
+    mean, std, valid = _greedy_heads(policy, batch)
+    if compare is not None:
+        new_mean, _, new_valid = _greedy_heads(compare, batch)
+        valid = valid & new_valid
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for p in range(len(batch)):
+        if not bool(valid[p]):
+            continue
+        fn = _prompt_reward_fn(reward, batch, p, ctx)
+        if compare is None:
+            rows.append(score_gradient_alignment(fn, mean[p], std[p], generator=gen, **kwargs))
+        else:
+            rows.append(shift_alignment(fn, mean[p], std[p], new_mean[p], generator=gen,
+                                        reference_pairs=kwargs.get("reference_pairs", 4096)))
+    if not rows:
+        raise ValueError(f"no {task} prompt produced a <POSE> token")
+    return _average(rows, {"prompts": float(len(rows)), "std_mean": std[valid].mean().item()})
 
 
 def main(argv=None) -> int:
@@ -177,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference-pairs", type=int, default=8192,
                    help="antithetic pairs of the reference gradient")
     p.add_argument("--antithetic", action="store_true", help="also measure mirrored groups")
+    p.add_argument("--compare", help="a policy trained from --policy (e.g. its RFT output): "
+                   "report how its greedy mean moved against the reward gradient instead")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -186,6 +246,7 @@ def main(argv=None) -> int:
     from poserft.rl.trainer import build_reward_context, rft_task_data
 
     policy = load_policy(args.policy)
+    compare = load_policy(args.compare) if args.compare else None
     cfg = RFTConfig()
     pairs = [("image2pose", "joint")] + ([("text2pose", "semantic")] if args.reward_model else [])
     data = rft_task_data(args.split, policy.config, {t: 1.0 for t, _ in pairs}, args.seed)
@@ -195,6 +256,15 @@ def main(argv=None) -> int:
     report = {}
     for task, reward in pairs:
         if not data.task_sizes.get(task, 0):
+            continue
+        if compare is not None:
+            key = f"{task}/{reward}/shift"
+            report[key] = r = policy_gradient_alignment(
+                policy, sampler, ctx, task, reward, prompts=args.prompts, seed=args.seed,
+                compare=compare, reference_pairs=args.reference_pairs)
+            print(f"{key}: shift cos {r['shift_cos']:.3f} ± {r['shift_cos_se']:.3f}, RMS shift "
+                  f"{r['shift_rms_std']:.2f} std, reward at the mean {r['reward_before']:.3f} -> "
+                  f"{r['reward_after']:.3f}", file=sys.stderr)
             continue
         for g in (int(x) for x in args.group_sizes.split(",")):
             for anti in ((False, True) if args.antithetic else (False,)):
