@@ -5,6 +5,12 @@ same reference forward and ``mu`` update passes; HyGRPO adds the Gaussian log-de
 pose KL and the continuous clipped term. Prints the median time of each part and the
 ratio HyGRPO / GRPO (target <= 1.3) for the full step and for the update alone.
 
+Scoring path (``PoseMLLM.score``): HyGRPO runs a second time with the policy and its
+reference forced onto the old full path (every row's prompt+completion through the LLM)
+instead of the default cached prefix (each prompt prefilled once, its KV cache expanded to
+its G rows), on the same batch, timed alternately with the others; the update times of
+the two and their ratio are printed (``--score-paths cached``: skip the full-path run).
+
     .venv/bin/python benchmarks/bench_hygrpo.py                       # embedded tiny policy
     .venv/bin/python benchmarks/bench_hygrpo.py --policy results/runs/dist/seed0/sft \\
         --split data/synthetic/train.h5 --reward-model results/retrieval/reward
@@ -161,6 +167,9 @@ def main() -> None:
                     help="rft.rollout_chunk_size values whose rollout peak memory is measured "
                          "(comma-separated; empty: skip)")
     ap.add_argument("--memory-only", action="store_true", help="skip the step timing")
+    ap.add_argument("--score-paths", default="both", choices=("both", "cached"),
+                    help="both: also time HyGRPO with score() forced onto the full path "
+                         "(no shared prefix) and print the update-time ratio")
     ap.add_argument("--rollout-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -220,17 +229,21 @@ def main() -> None:
 
 
 def time_steps(base, split: Path, reward_dir: Path, tmp: Path, args) -> None:
-    """Median step time of GRPO and HyGRPO on one fixed batch (alternating)."""
+    """Median step time of GRPO and HyGRPO (and HyGRPO on the full scoring path) on one
+    fixed batch (alternating)."""
     from poserft.rl import trainer as T
     from poserft.rl.config import RFTConfig
     from poserft.rl.rollout import PromptSampler
     from poserft.train.data import SFTTaskData
     from poserft.train.engine import TrainEngine
 
-    # Both modes are set up first and timed alternately (grpo, hygrpo, grpo, ...) so that
-    # load from other processes hits both alike.
+    # All runs are set up first and timed alternately (grpo, hygrpo, grpo, ...) so that
+    # load from other processes hits them alike. "hygrpo_full": HyGRPO with score() on the
+    # full path (policy and reference), the same batch and seeds.
+    names = ["grpo", "hygrpo"] + (["hygrpo_full"] if args.score_paths == "both" else [])
     runs = {}
-    for mode in ("grpo", "hygrpo"):
+    for name in names:
+        mode = name.removesuffix("_full")
         n = args.batch_size * args.group_size
         cfg = RFTConfig.from_dict(dict(
             mode=mode, batch_size=args.batch_size, group_size=args.group_size,
@@ -238,28 +251,30 @@ def time_steps(base, split: Path, reward_dir: Path, tmp: Path, args) -> None:
             optim={"lr": 1e-9, "warmup_steps": 0, "min_lr_ratio": 1.0}), where="rft")
         policy = copy.deepcopy(base)
         reference = copy.deepcopy(base).requires_grad_(False)
+        if name.endswith("_full"):
+            policy._score_path = reference._score_path = "full"
         mix = {t: w for t, w in cfg.task_weights.items() if w > 0}
         sampler = PromptSampler(SFTTaskData(split, policy.config, mix), mix)
         ctx = T.build_reward_context(cfg, {"body_model", "semantic_model"}, reward_dir)
-        engine = TrainEngine(policy, cfg.optim, cfg.engine, 10 ** 6, tmp / f"ckpt_{mode}",
+        engine = TrainEngine(policy, cfg.optim, cfg.engine, 10 ** 6, tmp / f"ckpt_{name}",
                              grad_accum=1, micro_batch_size=n)
         batch = sampler.sample(0, cfg.batch_size)
         T.rft_step(engine, sampler, 0, ctx, cfg, reference, batch=batch)  # warm-up
-        runs[mode] = (engine, sampler, ctx, cfg, reference, batch)
+        runs[name] = (engine, sampler, ctx, cfg, reference, batch)
 
     parts = {m: {"step": [], "generate": [], "reward": [], "update": []} for m in runs}
     valid = {}
     for _ in range(args.repeats):
-        for mode, (engine, sampler, ctx, cfg, reference, batch) in runs.items():
+        for name, (engine, sampler, ctx, cfg, reference, batch) in runs.items():
             t0 = time.perf_counter()
             last = T.rft_step(engine, sampler, 0, ctx, cfg, reference, batch=batch)
             total = time.perf_counter() - t0
-            p = parts[mode]
+            p = parts[name]
             p["step"].append(total)
             p["generate"].append(last["time/generate_s"])
             p["reward"].append(last["time/reward_s"])
             p["update"].append(total - last["time/generate_s"] - last["time/reward_s"])
-            valid[mode] = last["rollout/pose_valid_frac"]
+            valid[name] = last["rollout/pose_valid_frac"]
     results = {m: {k: statistics.median(v) for k, v in p.items()} for m, p in parts.items()}
     results["hygrpo"]["pose_valid_frac"] = valid["hygrpo"]
 
@@ -272,6 +287,12 @@ def time_steps(base, split: Path, reward_dir: Path, tmp: Path, args) -> None:
     ratio = results["hygrpo"]["step"] / results["grpo"]["step"]
     print(f"HyGRPO / GRPO step time: {ratio:.3f}x (target <= 1.3x): "
           f"{'OK' if ratio <= 1.3 else 'OVER TARGET'}")
+    if "hygrpo_full" in results:
+        full, cached = results["hygrpo_full"], results["hygrpo"]
+        print(f"HyGRPO score path, median of {args.repeats}: update full {full['update']:.4f} s, "
+              f"cached prefix {cached['update']:.4f} s: full / cached "
+              f"{full['update'] / cached['update']:.2f}x (step {full['step']:.4f} s vs "
+              f"{cached['step']:.4f} s: {full['step'] / cached['step']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The pose MLLM policy: prompt building, KV-cached group generation, teacher-forced scoring,
-and the SFT loss. One class, :class:`PoseMLLM`, used by SFT, RFT (HyGRPO) and evaluation.
+"""The pose MLLM policy: prompt building, KV-cached group generation, teacher-forced scoring
+(each prompt's prefix computed once for its G rows), and the SFT loss. One class,
+:class:`PoseMLLM`, used by SFT, RFT (HyGRPO) and evaluation.
 
 Sequence layout (shared by ``generate``, ``score`` and ``sft_loss`` so that they agree to
 float precision)::
@@ -184,6 +185,10 @@ class PoseMLLM(nn.Module):
 
     Build with :func:`build_policy` (from a config) or :func:`poserft.model.io.load_policy`.
     """
+
+    # how score() runs the LLM: "auto" (cached prefix where possible), "cached" or "full";
+    # set on an instance to force one (tests, benchmarks), see score()
+    _score_path = "auto"
 
     def __init__(self, config: ModelConfig, tokenizer, backbone: nn.Module,
                  pose_encoder: PoseViTEncoder | None = None):
@@ -529,28 +534,120 @@ class PoseMLLM(nn.Module):
         return texts
 
     # ------------------------------------------------------------------ teacher forcing
-    def _teacher_forced(self, prompts: list[str], images, prompt_index: torch.Tensor,
-                        completion_ids: torch.Tensor, completion_mask: torch.Tensor):
-        """Forward prompt+completion; prompt/vision work done once per distinct prompt.
-
-        Returns (hidden (N,Tp+Tc,D), Tp).
-        """
+    def _prompt_inputs(self, prompts: list[str], images, prompt_index: torch.Tensor
+                       ) -> tuple[dict, torch.Tensor]:
+        """:meth:`build_inputs` of the distinct prompts among the rows, and the map row ->
+        position among them ((N,) long), so vision and prompt work run once per prompt."""
         uniq, row_map = _unique_rows(prompt_index)
         sub_images = None
         if images is not None:
             sub_images = ([images[i] for i in uniq] if isinstance(images, (list, tuple))
                           else images[torch.as_tensor(uniq)] if isinstance(images, torch.Tensor)
                           else images[uniq])
-        batch = self.build_inputs([prompts[i] for i in uniq], sub_images)
-        prompt_embeds = self.embed_prompts(batch)[row_map]                    # (N,Tp,D)
+        return self.build_inputs([prompts[i] for i in uniq], sub_images), row_map
+
+    @staticmethod
+    def _row_attention(batch: dict, row_map: torch.Tensor, completion_mask: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention mask (N,Tp+Tc) of prompt (left-padded) + completion (right-padded) and
+        its position ids (N,Tp+Tc): ``cumsum - 1``, so padding never shifts a position. Both
+        scoring paths take positions from here, which keeps them identical."""
+        attn = torch.cat([batch["attention_mask"].index_select(0, row_map),
+                          (completion_mask > 0).long()], dim=1)
+        return attn, (attn.cumsum(-1) - 1).clamp(min=0)
+
+    def _full_hidden(self, batch: dict, row_map: torch.Tensor, completion_ids: torch.Tensor,
+                     completion_mask: torch.Tensor) -> torch.Tensor:
+        """One LLM forward over every row's whole prompt+completion: (N,Tp+Tc,D). Each
+        row recomputes its prompt prefix (G times per prompt)."""
+        prompt_embeds = self.embed_prompts(batch).index_select(0, row_map)       # (N,Tp,D)
         comp_embeds = self.language_model.get_input_embeddings()(completion_ids)
         embeds = torch.cat([prompt_embeds, comp_embeds.to(prompt_embeds.dtype)], dim=1)
-        attn = torch.cat([batch["attention_mask"][row_map], (completion_mask > 0).long()], dim=1)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        hidden = self._lm(embeds, attn, pos).last_hidden_state
-        return hidden, batch["input_ids"].shape[1]
+        attn, pos = self._row_attention(batch, row_map, completion_mask)
+        return self._lm(embeds, attn, pos).last_hidden_state
+
+    def _cached_tail(self, batch: dict, row_map: torch.Tensor, completion_ids: torch.Tensor,
+                     completion_mask: torch.Tensor) -> torch.Tensor | None:
+        """Prefill the U distinct prompts once, expand the KV cache to the N rows, then one
+        forward of the (N,Tc) completions: the final hidden states from the last prompt
+        position on, (N,1+Tc,D) (as ``full_hidden[:, Tp-1:]``). None when the LLM returned
+        no transformers ``Cache`` (it does not take ``past_key_values``).
+
+        Everything keeps its graph: the cached keys/values are outputs of the prefill, and
+        their expansion is an ``index_select`` per layer (``Cache.reorder_cache``, which takes
+        repeated and unordered indices), whose backward sums the rows of each prompt, as
+        the full path's ``prompt_embeds[row_map]`` does.
+        """
+        from transformers.cache_utils import Cache
+
+        tp = batch["input_ids"].shape[1]
+        prompt_embeds = self.embed_prompts(batch)                                # (U,Tp,D)
+        out = self._lm(prompt_embeds, batch["attention_mask"], batch["position_ids"],
+                       use_cache=True)
+        cache = out.past_key_values
+        if not isinstance(cache, Cache):
+            return None
+        cache.reorder_cache(row_map)                                             # (U,..) -> (N,..)
+        # left padding: column Tp-1 is every prompt's last real token
+        last = out.last_hidden_state[:, -1].index_select(0, row_map)             # (N,D)
+        comp_embeds = self.language_model.get_input_embeddings()(completion_ids)
+        attn, pos = self._row_attention(batch, row_map, completion_mask)
+        hidden = self._lm(comp_embeds.to(prompt_embeds.dtype), attn, pos[:, tp:], cache,
+                          use_cache=True).last_hidden_state                      # (N,Tc,D)
+        return torch.cat([last.unsqueeze(1), hidden.to(last.dtype)], dim=1)
+
+    def _teacher_forced(self, prompts: list[str], images, prompt_index: torch.Tensor,
+                        completion_ids: torch.Tensor, completion_mask: torch.Tensor):
+        """Forward prompt+completion; prompt/vision work done once per distinct prompt, the
+        LLM over every row's full sequence (the SFT loss: one row per prompt, so there is
+        no prefix to share).
+
+        Returns (hidden (N,Tp+Tc,D), Tp).
+        """
+        batch, row_map = self._prompt_inputs(prompts, images, prompt_index)
+        return (self._full_hidden(batch, row_map, completion_ids, completion_mask),
+                batch["input_ids"].shape[1])
+
+    def _llm_checkpointing_active(self) -> bool:
+        """True when HF activation checkpointing runs in the LLM now: a module flagged for
+        it (own attribute: peft wrappers forward attribute reads) and in training mode.
+        Its layers then drop ``past_key_values``, so a cached forward would silently attend
+        to the completion alone."""
+        return any(m.training and vars(m).get("gradient_checkpointing") is True
+                   for m in self.language_model.modules())
+
+    def _score_uses_cache(self) -> bool:
+        """Which path :meth:`score` takes (``_score_path``: "auto", "cached" or "full")."""
+        path = self._score_path
+        if path not in ("auto", "cached", "full"):
+            raise ValueError(f"PoseMLLM._score_path={path!r}: expected auto, cached or full")
+        if path == "full":
+            return False
+        if self._llm_checkpointing_active():
+            if path == "cached":
+                raise ValueError("PoseMLLM._score_path='cached' with activation checkpointing "
+                                 "active in the LLM: its layers drop the KV cache")
+            return False
+        return True
+
+    def _score_hidden(self, prompts: list[str], images, rollout: Rollout) -> torch.Tensor:
+        """Final hidden states (N,1+Tc,D) of ``rollout``'s rows from the last prompt
+        position on: [:, 0] at the last prompt token, [:, 1+t] at completion token t."""
+        ids, mask = rollout.completion_ids, rollout.completion_mask
+        batch, row_map = self._prompt_inputs(prompts, images, rollout.prompt_index)
+        if self._score_uses_cache():
+            tail = self._cached_tail(batch, row_map, ids, mask)
+            if tail is not None:
+                return tail
+            if self._score_path == "cached":
+                raise RuntimeError("PoseMLLM._score_path='cached': the LLM returned no KV cache")
+        hidden = self._full_hidden(batch, row_map, ids, mask)
+        return hidden[:, batch["input_ids"].shape[1] - 1:]
 
     def _pose_hidden(self, hidden: torch.Tensor, tp: int, pose_token_pos: torch.Tensor) -> torch.Tensor:
+        """Hidden state (N,D) the pose head reads: at completion position ``pose_token_pos``
+        of ``hidden`` whose completion starts at column ``tp``; the last prompt position
+        (``tp - 1``) for rows without ``<POSE>``."""
         idx = torch.where(pose_token_pos >= 0, tp + pose_token_pos, torch.full_like(pose_token_pos, tp - 1))
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
@@ -559,14 +656,29 @@ class PoseMLLM(nn.Module):
         """Teacher-forced log-probs of the rollout's tokens and its pose distribution, with grad.
 
         ``temperature`` defaults to the rollout's (so ratios start at exactly 1).
+
+        The vision encoders run once per distinct prompt of the rows. The LLM runs one of two
+        ways, with the same results up to float rounding (gradients included):
+
+        * cached (the default): prefill of the distinct prompts once, its KV cache expanded
+          to the rows by their prompt (any rows: partial groups, subsets, any order), then
+          one forward of the completions (N,Tc). Saves recomputing each prefix G times. With
+          dropout in the LLM in training mode (e.g. LoRA dropout) the rows of one prompt
+          share the prefix's dropout mask instead of drawing one each.
+        * full: one forward of every row's whole prompt+completion (N,Tp+Tc). Runs when HF
+          activation checkpointing is active in the LLM (enabled and training mode: its
+          layers drop the KV cache), and when the LLM returns no KV cache (a backbone
+          without ``past_key_values`` support; the prefill is then repeated in full).
+
+        ``_score_path`` (instance attribute, default "auto") forces "cached" or "full"
+        (tests, benchmarks); "cached" raises where it cannot run.
         """
         temperature = rollout.temperature if temperature is None else temperature
         if not rollout.do_sample and temperature == rollout.temperature:
             temperature = 1.0  # greedy rollouts record temperature-1 log-probs
         mask = rollout.completion_mask
-        hidden, tp = self._teacher_forced(prompts, images, rollout.prompt_index,
-                                          rollout.completion_ids, mask)
-        logits = self.backbone.lm_head(hidden[:, tp - 1:-1]).float() / temperature   # (N,Tc,V)
+        tail = self._score_hidden(prompts, images, rollout)                      # (N,1+Tc,D)
+        logits = self.backbone.lm_head(tail[:, :-1]).float() / temperature      # (N,Tc,V)
         logp_all = torch.log_softmax(logits, dim=-1)
         tok_lp = logp_all.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
         valid = mask > 0
@@ -575,7 +687,7 @@ class PoseMLLM(nn.Module):
         if with_entropy:
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             entropy = torch.where(valid, entropy, torch.zeros((), device=entropy.device))
-        dist = self.pose_head(self._pose_hidden(hidden, tp, rollout.pose_token_pos))
+        dist = self.pose_head(self._pose_hidden(tail, 1, rollout.pose_token_pos))
         return ScoreOutput(tok_lp, mask, dist, rollout.pose_valid, entropy)
 
     # ------------------------------------------------------------------ SFT
