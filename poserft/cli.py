@@ -12,15 +12,17 @@ forward kinematics), ``vec6d (S,144)``, ``pose_valid (S,)`` and ``texts (S,)``. 
 is the greedy answer with the head's mean pose; more samples are drawn at
 ``--temperature``.
 
-Errors (missing or truncated checkpoint, unreadable image, wrong image kind, empty
-``--text``) print one line naming the path and the fix, and exit with status 1; nothing is
-written then. An image much smaller than the model's vision input (a side under 8 px or under
+Errors (missing or truncated checkpoint, corrupt tokenizer.json, unreadable image, wrong
+image kind, empty ``--text``, an ``--out``/``--render`` file that cannot be written) print one
+line naming the path and the fix, and exit with status 1; nothing is written then (``--out``
+and ``--render`` are written both or neither). An image much smaller than the model's vision input (a side under 8 px or under
 a quarter of the input side) gets a one-line warning on stderr; the pose is still generated.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -100,6 +102,18 @@ def _count_parameters(weights: Path) -> tuple[int, int]:
     return total, len(shapes)
 
 
+def _check_tokenizer(path: Path) -> None:
+    """CliError naming ``path`` and the fix if the tokenizer file is corrupt: ``info`` reads
+    only the config and the weights' header otherwise, and would describe a policy that
+    cannot be loaded."""
+    from poserft.model.io import PolicyTokenizerError, check_tokenizer_file
+
+    try:
+        check_tokenizer_file(path)
+    except PolicyTokenizerError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _pair(x) -> tuple[int, int]:
     return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
 
@@ -133,6 +147,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CliError(f"{d / 'config.json'} is not valid JSON ({exc}); re-export the policy") from None
     params, tensors = _count_parameters(d / "model.safetensors")
+    _check_tokenizer(d / "tokenizer.json")
     files = {f.name: f.stat().st_size for f in sorted(d.iterdir()) if f.is_file()}
     out = {"path": str(d), "format": meta.get("format"), "version": meta.get("version"),
            "parameters": params, "tensors": tensors, "vocab_size": meta.get("vocab_size"),
@@ -218,24 +233,61 @@ def generate(checkpoint: str | os.PathLike, text: str | None = None, image: str 
             "pose_valid": roll.pose_valid.cpu().numpy()}
 
 
-def _save_npz(path: str, result: dict) -> None:
+def _save_npz(path: str | os.PathLike, result: dict) -> None:
+    """``path``: a temp file from _write_outputs (it ends in .npz, so numpy adds nothing)."""
     import numpy as np
-
-    from poserft.atomic import atomic_path
 
     arrays = {k: v for k, v in result.items() if k != "texts"}
     arrays["texts"] = np.array([str(t) for t in result["texts"]])   # unicode, no pickle
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+    np.savez(path, **arrays)
 
 
-def _render(path: str, result: dict, title: str) -> None:
+def _render(path: str | os.PathLike, result: dict, title: str) -> None:
     from poserft.eval.gallery import render_pose_grid
 
     labels = [f"sample {i}" + ("" if v else " (no <POSE>)")
               for i, v in enumerate(result["pose_valid"])]
     render_pose_grid(path, [list(result["joints"])], row_labels=[""], col_labels=labels,
                      title=title)
+
+
+@contextlib.contextmanager
+def _naming(what: str):
+    """Turn a failure to write an output into a CliError naming ``what`` (option and path)
+    and the cause. Any exception: matplotlib and numpy fail in many types."""
+    try:
+        yield
+    except CliError:
+        raise
+    except Exception as exc:
+        raise CliError(f"{what}: could not be written ({type(exc).__name__}: {exc}); nothing "
+                       "was written: give a path in a writable folder") from None
+
+
+def _temp_output(stack: contextlib.ExitStack, option: str, path: str, suffix: str) -> Path:
+    """A temp file next to ``path`` (atomic_path), moved into place when ``stack`` closes
+    without an error and removed otherwise."""
+    from poserft.atomic import atomic_path
+
+    with _naming(f"{option} {path}"):      # e.g. its folder cannot be created
+        return stack.enter_context(atomic_path(path, suffix=suffix))
+
+
+def _write_outputs(out: str | None, render: str | None, result: dict, title: str) -> None:
+    """Write ``--out`` and ``--render`` both or neither, so a failed render (matplotlib, a
+    folder that cannot be created) leaves no npz behind: both are written to temp files next
+    to their targets and moved into place only once both are written; a file already at a
+    target stays as it was when anything fails."""
+    both = " and ".join(f"{o} {p}" for o, p in (("--out", out), ("--render", render)) if p)
+    with _naming(both), contextlib.ExitStack() as stack:    # _naming: the final renames
+        npz = _temp_output(stack, "--out", out, ".npz") if out else None
+        png = _temp_output(stack, "--render", render, ".png") if render else None
+        if png is not None:
+            with _naming(f"--render {render}"):
+                _render(png, result, title)
+        if npz is not None:
+            with _naming(f"--out {out}"):
+                _save_npz(npz, result)
 
 
 # ----------------------------------------------------------------------------- main --
@@ -284,12 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           device=args.device)
         for k, (t, ok) in enumerate(zip(result["texts"], result["pose_valid"])):
             print(f"[{k}] {t}" + ("" if ok else "   (no <POSE>: the pose is not meaningful)"))
-        if args.out:
-            _save_npz(args.out, result)
-            print(f"wrote {args.out}")
-        if args.render:
-            _render(args.render, result, args.text or Path(args.image).name)
-            print(f"wrote {args.render}")
+        _write_outputs(args.out, args.render, result, args.text or Path(args.image).name)
+        for path in (args.out, args.render):
+            if path:
+                print(f"wrote {path}")
         return 0
     except CliError as exc:
         print(f"poserft: error: {exc}", file=sys.stderr)

@@ -321,6 +321,28 @@ def test_nonexistent_model_path_is_a_config_error(tmp_path, model, site):
                                 where="body").model == "skeleton"
 
 
+def test_nonexistent_h36m_regressor_path_is_a_config_error(tmp_path):
+    """Like body.model_path: a regressor file that is not there fails when the config is
+    read, not when evaluation first loads the body model; unset stays fine."""
+    mesh = {"model": "smpl", "model_path": str(tmp_path)}
+    missing = tmp_path / "J_regressor_h36m.npy"
+    with pytest.raises(ConfigError) as info:
+        BodyConfig.from_dict({**mesh, "h36m_regressor_path": str(missing)}, where="body")
+    msg = str(info.value)
+    assert msg.startswith(f"body.h36m_regressor_path: {missing} does not exist")
+    assert "J_regressor_h36m.npy (17 x 6890)" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="relative to the working directory"):
+        BodyConfig.from_dict({**mesh, "h36m_regressor_path": "no/such.npy"}, where="body")
+    with pytest.raises(ConfigError, match=r"body\.h36m_regressor_path: .* is a folder"):
+        BodyConfig.from_dict({**mesh, "h36m_regressor_path": str(tmp_path)}, where="body")
+    missing.write_bytes(b"")        # exists: its contents are checked by body.load
+    assert BodyConfig.from_dict({**mesh, "h36m_regressor_path": str(missing)},
+                                where="body").h36m_regressor_path == str(missing)
+    for unset in (None, ""):
+        assert BodyConfig.from_dict({**mesh, "h36m_regressor_path": unset},
+                                    where="body").h36m_regressor_path == unset
+
+
 def test_workflow_config_rejects_nonexistent_model_path():
     """What the Snakefile calls at parse time, on the shipped config plus the bad body."""
     from pathlib import Path

@@ -19,6 +19,7 @@ import poserft.body as body
 from poserft.body import BodyConfig, SkeletonModel
 from poserft.body.kinematics import H36M17_TO_LSP14, SMPL_PARENTS
 from poserft.body.smpl import SmplxBodyModel, load_model_data
+from poserft.configbase import ConfigError
 
 NUM_VERTS = 6890
 # SMPL-H 52-joint tree: 22 body joints, then 15 joints per hand (5 fingers x 3, finger
@@ -165,10 +166,17 @@ def test_h36m_regressor_on_vertices(smpl_file, tmp_path):
         body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(smpl_file),
                                         "h36m_regressor_path": str(tmp_path / "bad.npy")},
                                        where="body"))
+    # a missing file is a config error (test_body_model), also when it went away after the
+    # config was read (body.load checks the section again); the model class says so itself
+    gone = tmp_path / "gone.npy"
+    np.save(gone, regressor)
+    cfg = BodyConfig.from_dict({"model": "smpl", "model_path": str(smpl_file),
+                                "h36m_regressor_path": str(gone)}, where="body")
+    gone.unlink()
+    with pytest.raises(ConfigError, match=r"body\.h36m_regressor_path: .*gone\.npy does not"):
+        body.load(cfg)
     with pytest.raises(FileNotFoundError, match="H36M joint regressor not found"):
-        body.load(BodyConfig.from_dict({"model": "smpl", "model_path": str(smpl_file),
-                                        "h36m_regressor_path": str(tmp_path / "missing.npy")},
-                                       where="body"))
+        SmplxBodyModel.from_config(cfg)
 
 
 def test_smplh_uses_21_body_joints_and_flat_hands(smplh_folder):

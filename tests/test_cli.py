@@ -226,3 +226,60 @@ def test_device_option(checkpoint, tmp_path, capsys, monkeypatch):
     err = _error(capsys, base + ["--device", "cuda", "--out", str(tmp_path / "x.npz")])
     assert "--device cuda" in err and "no CUDA device" in err and "auto or cpu" in err
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("failure", ["folder", "matplotlib"])
+def test_failed_render_leaves_no_npz(checkpoint, tmp_path, capsys, monkeypatch, failure):
+    """--out with a --render that fails (its folder cannot be created, or matplotlib raises):
+    one line naming the png and the cause, exit 1, no npz and no temp file left, and an npz
+    already at --out is left as it was."""
+    out = tmp_path / "poses.npz"
+    if failure == "folder":
+        (tmp_path / "afile").write_text("a file where the png's folder should be")
+        png = tmp_path / "afile" / "poses.png"
+        cause = "FileExistsError"
+    else:
+        import poserft.eval.gallery as gallery
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("renderer exploded")
+        monkeypatch.setattr(gallery, "render_pose_grid", broken)
+        png = tmp_path / "poses.png"
+        cause = "RuntimeError: renderer exploded"
+    argv = ["generate", "--text", "The person is squatting.", "--checkpoint",
+            str(checkpoint["dir"]), "--max-new-tokens", "4", "--out", str(out),
+            "--render", str(png)]
+    before = set(tmp_path.iterdir())
+    err = _error(capsys, argv)
+    assert f"--render {png}" in err and cause in err, err
+    assert not out.exists() and not png.exists()
+    assert set(tmp_path.iterdir()) == before            # no temp files either
+    out.write_bytes(b"an older result")
+    _error(capsys, argv)
+    assert out.read_bytes() == b"an older result"
+
+
+@pytest.mark.parametrize("garbage", [b"{this is not json", b"\xff\xfe\x00\x80",
+                                     b'{"version": "1.0", "model": {"type": "Nope"}}', b"[1, 2]"])
+def test_corrupt_tokenizer_is_a_one_line_error(checkpoint, tmp_path, capsys, garbage):
+    """generate and info on a policy whose tokenizer.json is garbage: one line naming the
+    file and the fix, exit 1, nothing written; load_policy raises a typed error naming it."""
+    import shutil
+
+    ck = shutil.copytree(checkpoint["dir"], tmp_path / "policy")
+    tok = ck / "tokenizer.json"
+    tok.write_bytes(garbage)
+    out = tmp_path / "p.npz"
+    for argv in (["info", str(ck)], ["info", str(ck), "--json"],
+                 ["generate", "--text", "The person is squatting.", "--checkpoint", str(ck),
+                  "--out", str(out)]):
+        err = _error(capsys, argv)
+        assert f"{tok}: cannot be read (" in err, err
+        assert "save_policy" in err and "copy tokenizer.json" in err
+    assert not out.exists()
+    import re
+
+    from poserft.model.io import PolicyFileError, PolicyTokenizerError, load_policy
+    with pytest.raises(PolicyTokenizerError, match=re.escape(f"{tok}: cannot be read")) as info:
+        load_policy(ck)
+    assert isinstance(info.value, PolicyFileError)      # what callers already catch

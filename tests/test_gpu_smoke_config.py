@@ -187,10 +187,11 @@ def test_gpu_smoke_dag_has_one_sft_one_rft(tmp_path):
 
 
 def test_paper_config_dag_still_builds(tmp_path):
-    """`snakemake -n all --configfile configs/paper.yaml` (the licensed SMPL folder exists on
-    a real cluster only: an empty one stands in for it)."""
+    """`snakemake -n all --configfile configs/paper.yaml` (the licensed SMPL folder and the
+    H36M regressor exist on a real cluster only: an empty folder and file stand in)."""
     (tmp_path / "config.yaml").write_text((ROOT / "config.yaml").read_text())
     (tmp_path / "body_models" / "smpl").mkdir(parents=True)
+    (tmp_path / "body_models" / "J_regressor_h36m.npy").touch()
     proc = _dry_run(tmp_path, "--configfile", str(PAPER))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

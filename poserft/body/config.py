@@ -17,6 +17,12 @@ _DOWNLOAD = {"smpl": "https://smpl.is.tue.mpg.de", "smplh": "https://mano.is.tue
 _EXPECTED = {"smpl": "SMPL_{g}.pkl", "smplh": "SMPLH_{g}.pkl or .npz"}   # smpl.py's names
 
 
+def _relative_note(path: str) -> str:
+    """Where a relative path was looked up: the Snakefile parse and the jobs run in the
+    working directory, which is not always the config file's folder."""
+    return "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+
+
 @dataclass
 class BodyConfig(Section):
     """Body model: SMPL/SMPL-H via smplx when model files are configured, else a skeleton."""
@@ -51,8 +57,7 @@ class BodyConfig(Section):
                 f"{where}.model: skeleton.")
         path = None if self.model == "skeleton" else os.path.expanduser(self.model_path)
         if path is not None and not os.path.exists(path):
-            rel = ("" if os.path.isabs(path)
-                   else f" (relative to the working directory {os.getcwd()})")
+            rel = _relative_note(path)
             files = _EXPECTED[self.model].format(g=self.gender.upper())
             raise ConfigError(
                 f"{where}.model_path: {self.model_path} does not exist{rel}; download the "
@@ -64,3 +69,13 @@ class BodyConfig(Section):
                 f"{where}.h36m_regressor_path: a vertex regressor needs a mesh model; set "
                 f"{where}.model to 'smpl' or 'smplh' (with {where}.model_path) or drop the "
                 f"regressor path.")
+        # checked here, not when evaluation first loads the body model hours into a run
+        regressor = self.h36m_regressor_path and os.path.expanduser(self.h36m_regressor_path)
+        if regressor and not os.path.isfile(regressor):
+            what = ("is a folder, not the .npy file" if os.path.isdir(regressor)
+                    else f"does not exist{_relative_note(regressor)}")
+            raise ConfigError(
+                f"{where}.h36m_regressor_path: {self.h36m_regressor_path} {what}; get "
+                f"J_regressor_h36m.npy (17 x 6890) from the SPIN / HMR2.0 data release and set "
+                f"{where}.h36m_regressor_path to it, or drop {where}.h36m_regressor_path (no "
+                f"H36M-17 / LSP-14 joints then)")

@@ -37,8 +37,9 @@ if TYPE_CHECKING:   # torch is imported by the functions that need it: `poserft 
     import torch
 
 __all__ = ["save_policy", "load_policy", "resolve_policy_dir", "PolicyFileError",
-           "PolicyCheckpointError", "read_weights_header", "POLICY_FORMAT", "POLICY_VERSION",
-           "atomic_replace_dir", "merge_lora_state"]
+           "PolicyCheckpointError", "PolicyTokenizerError", "read_weights_header",
+           "check_tokenizer_file", "POLICY_FORMAT", "POLICY_VERSION", "atomic_replace_dir",
+           "merge_lora_state"]
 
 POLICY_FORMAT = "poserft-policy"
 POLICY_VERSION = 1
@@ -52,6 +53,11 @@ class PolicyFileError(ValueError):
 class PolicyCheckpointError(PolicyFileError):
     """A policy file exists but cannot be read: truncated or corrupt (e.g. a copy that was
     cut short, a full disk)."""
+
+
+class PolicyTokenizerError(PolicyCheckpointError):
+    """A policy's tokenizer.json exists but is not a readable tokenizer (corrupt, cut short,
+    overwritten by another file)."""
 
 
 _REWRITE = ("re-export the policy with poserft.model.io.save_policy, or rerun the sft/rft "
@@ -78,6 +84,23 @@ def read_weights_header(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             return {k: tuple(int(d) for d in f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise _corrupt_weights(path, exc) from None
+
+
+def check_tokenizer_file(path: str | os.PathLike) -> None:
+    """Parse a policy's ``tokenizer.json`` (tokenizers only: fast, no transformers/torch);
+    :class:`PolicyTokenizerError` naming the file, the cause and the fix if it is unreadable.
+    transformers' own loader fails on such a file with errors of many types (JSON, serde,
+    TypeError, UnicodeDecodeError) that name neither the file nor the fix."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:     # serde / io errors come as plain Exception
+        raise PolicyTokenizerError(
+            f"{path}: cannot be read ({exc}); re-export the policy "
+            f"(poserft.model.io.save_policy) or copy tokenizer.json from the run that trained "
+            f"it") from None
 
 
 def atomic_replace_dir(tmp: Path, dest: Path) -> None:
@@ -268,6 +291,8 @@ def load_policy(path: str | os.PathLike, device: str | torch.device | None = Non
     on_cuda = place.type == "cuda" if device is not None else torch.cuda.is_available()
     want = resolve_dtype(cfg.dtype if dtype is None else dtype,
                          place if device is not None else None)
+    # checked first: AutoTokenizer's errors on a corrupt file do not name it
+    check_tokenizer_file(d / "tokenizer.json")
     tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     if len(tokenizer) != meta["vocab_size"]:
         raise PolicyFileError(f"{d}: tokenizer has {len(tokenizer)} tokens but the model was "
