@@ -62,7 +62,7 @@ class RFTConfig(Section):
         "hygrpo", "hygrpo: discrete token term + continuous Gaussian pose term (the method); "
         "grpo: discrete-only GRPO, the pose is the head's mean and gets no policy-gradient "
         "term (ablation); continuous: only the pose term (debugging).", choices=RFT_MODES)
-    steps: int = option(100, "RL steps (each: rollout of batch_size prompts x group_size "
+    steps: int = option(200, "RL steps (each: rollout of batch_size prompts x group_size "
                         "candidates, then mu update iterations). Paper: 1000.", minimum=0)
     batch_size: int = option(
         4, "Prompts per RL step in total over all ranks (the global batch; paper: 16). Each "
