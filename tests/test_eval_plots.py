@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -137,7 +138,7 @@ def gallery_world(tmp_path_factory):
         for p in policy.pose_head.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     save_policy(policy, root / "rft")
-    (root / "rft" / "rft_summary.json").write_text(json.dumps({"optimizer_steps": 24}))
+    (root / "rft" / "rft_summary.json").write_text(json.dumps({"optimizer_steps": 24, "rl_steps": 12}))
     ck = root / "rft_checkpoints" / "checkpoints"
     for step, complete in ((12, True), (13, False), (24, True)):
         d = ck / f"step_{step:08d}"
@@ -152,10 +153,18 @@ def test_gallery_checkpoints_and_weights(gallery_world, tmp_path):
     root = gallery_world
     entries = gallery_checkpoints("dist_rft", root / "sft", root / "rft", root / "rft_checkpoints",
                                   sft_variant="dist")
-    assert [e.label for e in entries] == ["dist: SFT", "dist_rft: RFT step 12",
-                                          "dist_rft: RFT final (step 24)"]
+    # labels count RL steps (mu = 24 / 12 = 2 optimizer steps each), as rft.steps does
+    assert [e.label for e in entries] == ["dist: SFT", "dist_rft: RFT step 6",
+                                          "dist_rft: RFT final (step 12)"]
     assert entries[1].state_file == root / "rft_checkpoints/checkpoints/step_00000012/state.pt"
     assert [e.label for e in gallery_checkpoints("dist", root / "sft", None)] == ["dist: SFT"]
+    # a summary without rl_steps (older runs): optimizer steps, named as such
+    old = tmp_path / "old_rft"
+    shutil.copytree(root / "rft", old)
+    (old / "rft_summary.json").write_text(json.dumps({"optimizer_steps": 24}))
+    assert [e.label for e in gallery_checkpoints("dist_rft", root / "sft", old,
+                                                 root / "rft_checkpoints")][1:] == [
+        "dist_rft: RFT optimizer step 12", "dist_rft: RFT final (optimizer step 24)"]
 
     prompts = ["The person is squatting.", "Arms raised."]
     joints, invalid = generate_gallery_poses(entries, prompts, max_new_tokens=6)

@@ -133,16 +133,29 @@ def gallery_checkpoints(variant: str, sft_dir: str | os.PathLike, rft_dir: str |
     ``sft_variant`` names the variant that trained the SFT policy (``sft_from``; default
     ``variant``). Checkpoints at or after the final optimizer step (``rft_summary.json``)
     are the final policy again and are left out; DeepSpeed checkpoints (no ``state.pt``)
-    are skipped.
+    are skipped. Labels count RL steps (``rft.steps``; the checkpoint directories count
+    optimizer steps, ``rft.mu`` per RL step) when the summary gives both counts, else
+    optimizer steps, said so.
     """
     entries = [GalleryEntry(f"{sft_variant or variant}: SFT", Path(sft_dir))]
     if rft_dir is None:
         return entries
     rft_dir = Path(rft_dir)
-    final_step = None
+    final_step, per_rl_step = None, None
     summary = rft_dir / "rft_summary.json"
     if summary.is_file():
-        final_step = json.loads(summary.read_text()).get("optimizer_steps")
+        info = json.loads(summary.read_text())
+        final_step = info.get("optimizer_steps")
+        if final_step and info.get("rl_steps"):
+            # checkpoints are named by optimizer step, rft.mu of them per RL step; a reader
+            # compares galleries with rft.steps, which counts RL steps
+            per_rl_step = final_step / info["rl_steps"]
+
+    def step_label(step: int) -> str:
+        if per_rl_step is None:
+            return f"optimizer step {step}"
+        return f"step {round(step / per_rl_step)}"
+
     if rft_checkpoint_dir is not None and (Path(rft_checkpoint_dir) / "checkpoints").is_dir():
         for d in sorted((Path(rft_checkpoint_dir) / "checkpoints").iterdir()):
             m = _STEP_DIR.match(d.name)
@@ -151,8 +164,9 @@ def gallery_checkpoints(variant: str, sft_dir: str | os.PathLike, rft_dir: str |
             step = int(m[1])
             if final_step is not None and step >= final_step:
                 continue
-            entries.append(GalleryEntry(f"{variant}: RFT step {step}", Path(sft_dir), d / "state.pt"))
-    label = f"{variant}: RFT final" + (f" (step {final_step})" if final_step is not None else "")
+            entries.append(GalleryEntry(f"{variant}: RFT {step_label(step)}", Path(sft_dir),
+                                        d / "state.pt"))
+    label = f"{variant}: RFT final" + (f" ({step_label(final_step)})" if final_step is not None else "")
     entries.append(GalleryEntry(label, rft_dir))
     return entries
 
