@@ -195,6 +195,44 @@ def test_sft_loss_components_match_independent_computation(trained):
     torch.testing.assert_close(lm_only, expected_lm, atol=1e-5, rtol=1e-5)
 
 
+def test_prompt_lm_loss_matches_a_prompt_only_forward(trained):
+    """sft.prompt_lm_weight: next-token CE over each prompt's own real tokens, computed
+    independently from a causal forward of the prompts alone, row by row, token by token;
+    image slots and left padding are never targets; the weight 0 leaves the loss as it was."""
+    policy, data = trained
+    mb = data.batch(7, 0, 8)
+    batch = policy.sft_batch(mb["prompts"], mb["answers"], mb["images"], mb["poses"], mb["has_pose"])
+    assert mb["images"] is not None and any(p.count("<image>") for p in mb["prompts"])
+    with torch.no_grad():
+        base, m0 = policy.sft_loss(batch, nll_beta=0.5)
+        off, _ = policy.sft_loss(batch, nll_beta=0.5, prompt_lm_weight=0.0)
+        with_lm, m = policy.sft_loss(batch, nll_beta=0.5, prompt_lm_weight=0.3)
+        inputs = policy.build_inputs(batch["prompts"], batch["images"])
+        h = policy._lm(policy.embed_prompts(inputs), inputs["attention_mask"],
+                       inputs["position_ids"]).last_hidden_state                 # prompts only
+        logp = torch.log_softmax(policy.backbone.lm_head(h).float(), -1)
+        terms = []
+        for row, ids in enumerate(policy.encode_prompt(p) for p in batch["prompts"]):
+            start = inputs["input_ids"].shape[1] - len(ids)                    # left padding
+            for t in range(len(ids) - 1):
+                if ids[t + 1] != policy.image_token_id:
+                    terms.append(-logp[row, start + t, ids[t + 1]])
+        expected = torch.stack(terms).mean()
+    assert "prompt_lm_loss" not in m0 and torch.equal(base, off)
+    torch.testing.assert_close(torch.tensor(m["prompt_lm_loss"]), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_lm, base + 0.3 * expected, atol=1e-5, rtol=1e-5)
+    # it trains the LLM's word embeddings through the prompt positions
+    policy.zero_grad()
+    policy.train()
+    loss, _ = policy.sft_loss(batch, lm_weight=0.0, pose_weight=0.0, joint_weight=0.0,
+                              prompt_lm_weight=1.0)
+    loss.backward()
+    policy.eval()
+    grad = policy.language_model.get_input_embeddings().weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    policy.zero_grad()
+
+
 def test_joint_error_frames(trained):
     from poserft.body.rotations import axis_angle_to_rot6d
     policy, data = trained

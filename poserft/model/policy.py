@@ -726,8 +726,9 @@ class PoseMLLM(nn.Module):
 
     def sft_loss(self, batch: dict, lm_weight: float = 1.0, pose_weight: float = 1.0,
                  joint_weight: float = 1.0, joint_frame: str = "global",
-                 nll_beta: float = 0.0) -> tuple[torch.Tensor, dict]:
-        """Next-token CE on answers + pose loss + FK joint loss on pose rows.
+                 nll_beta: float = 0.0, prompt_lm_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+        """Next-token CE on answers + pose loss + FK joint loss on pose rows
+        (+ ``prompt_lm_weight`` x next-token CE on the prompts' own text tokens).
 
         Pose loss: Gaussian NLL per dimension (``-log p(x) / 144``) for the Gaussian head
         (``nll_beta`` > 0, diagonal covariance: the beta-NLL of :func:`beta_nll` instead),
@@ -737,18 +738,28 @@ class PoseMLLM(nn.Module):
         orientation (``joint_frame="global"``), with both root rotations set to identity
         (``"local"``: articulation only; the root is then supervised by the pose loss alone),
         or the mean of the two (``"both"``).
+        Prompt LM loss: next-token CE over the prompt's real tokens (captions, questions,
+        the template), image slots and padding excluded. A language model that was never
+        pretrained learns from it which word follows which, the word-order features that
+        a caption's pose depends on ("left" with "knee"); 0 = off.
         Returns ``(loss, metrics)``; metrics are floats.
         """
         n = len(batch["prompts"])
         ids, mask = batch["completion_ids"], batch["completion_mask"]
-        hidden, tp = self._teacher_forced(batch["prompts"], batch["images"],
-                                          torch.arange(n, device=ids.device), ids, mask)
+        inputs, row_map = self._prompt_inputs(batch["prompts"], batch["images"],
+                                              torch.arange(n, device=ids.device))
+        hidden = self._full_hidden(inputs, row_map, ids, mask)                  # (B,Tp+Tc,D)
+        tp = inputs["input_ids"].shape[1]
         logits = self.backbone.lm_head(hidden[:, tp - 1:-1]).float()
         valid = mask > 0
         ce = F.cross_entropy(logits[valid], ids[valid])
         acc = (logits[valid].argmax(-1) == ids[valid]).float().mean()
         loss = lm_weight * ce
         metrics = {"lm_loss": ce.item(), "token_acc": acc.item()}
+        if prompt_lm_weight:
+            prompt_ce = self._prompt_lm_loss(hidden[:, :tp], inputs, row_map)
+            loss = loss + prompt_lm_weight * prompt_ce
+            metrics["prompt_lm_loss"] = prompt_ce.item()
         rows = batch["has_pose"].nonzero().flatten()
         metrics["n_pose"] = float(rows.numel())
         if rows.numel():
@@ -771,6 +782,20 @@ class PoseMLLM(nn.Module):
             loss = loss + pose_weight * pose_loss + joint_weight * joint_loss
         metrics["loss"] = loss.item()
         return loss, metrics
+
+    def _prompt_lm_loss(self, prompt_hidden: torch.Tensor, inputs: dict,
+                        row_map: torch.Tensor) -> torch.Tensor:
+        """Mean next-token CE of the prompts (B,Tp,D hidden states): position t predicts
+        token t+1 where both are real (left padding) and t+1 is not an image slot (its
+        "token" is a vision feature)."""
+        ids = inputs["input_ids"].index_select(0, row_map)                       # (B,Tp)
+        real = inputs["attention_mask"].index_select(0, row_map) > 0
+        target = ids[:, 1:]
+        keep = real[:, 1:] & real[:, :-1] & (target != self.image_token_id)
+        if not bool(keep.any()):
+            return prompt_hidden.sum() * 0.0
+        logits = self.backbone.lm_head(prompt_hidden[:, :-1][keep]).float()     # (K,V)
+        return F.cross_entropy(logits, target[keep])
 
     def joint_error(self, pred: torch.Tensor, target: torch.Tensor, frame: str = "global") -> torch.Tensor:
         """Per-joint distance (R,24) in metres between FK of two (R,144) 6D poses.

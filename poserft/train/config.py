@@ -78,6 +78,10 @@ class SFTConfig(Section):
         "Sampling weight of each task (text2pose, image2pose, image2text). Tasks whose data "
         "is absent from the split (no captions / images / VQA) are dropped with a warning.")
     lm_weight: float = option(1.0, "Weight of the answer next-token cross-entropy.", minimum=0.0)
+    prompt_lm_weight: float = option(
+        0.0, "Weight of a next-token cross-entropy on the prompts' own text (captions, "
+             "questions; image slots excluded): language-model training for an LLM that "
+             "starts untrained (the embedded world). 0 = off.", minimum=0.0)
     pose_weight: float = option(1.0, "Weight of the pose loss (Gaussian NLL per dim, or 6D MSE "
                                 "for the deterministic head).", minimum=0.0)
     joint_weight: float = option(1.0, "Weight of the FK joint-position loss (metres).", minimum=0.0)

@@ -155,7 +155,7 @@ def run_sft(model_cfg: ModelConfig | None, sft_cfg: SFTConfig | None,
     rank, world = engine.dist.rank, engine.dist.world_size
     weights = dict(lm_weight=sft_cfg.lm_weight, pose_weight=sft_cfg.pose_weight,
                    joint_weight=sft_cfg.joint_weight, joint_frame=sft_cfg.joint_frame,
-                   nll_beta=sft_cfg.nll_beta)
+                   nll_beta=sft_cfg.nll_beta, prompt_lm_weight=sft_cfg.prompt_lm_weight)
 
     def loss_fn(model, mb):
         batch = policy.sft_batch(mb["prompts"], mb["answers"], mb["images"], mb["poses"], mb["has_pose"])
