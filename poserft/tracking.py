@@ -154,6 +154,16 @@ class NullTracker:
         return False
 
 
+_DATASET_RETRIES = 4      # log_inputs attempts when a parallel job inserts the same dataset row
+# how SQLAlchemy words a unique-key clash: SQLite, PostgreSQL, MySQL
+_UNIQUE_VIOLATION = ("UNIQUE constraint failed", "UniqueViolation", "duplicate key value",
+                     "Duplicate entry")
+
+
+def _is_unique_violation(exc: Exception) -> bool:
+    return any(marker in str(exc) for marker in _UNIQUE_VIOLATION)
+
+
 class Tracker(NullTracker):
     """One MLflow run. Use as a context manager; the run ends FAILED on an exception."""
 
@@ -228,9 +238,25 @@ class Tracker(NullTracker):
 
     def log_datasets(self, datasets: list[Mapping[str, Any]]) -> None:
         """Record the split files this run read as MLflow run inputs (the UI's Datasets
-        column): :func:`dataset_input` of each ``{name, path, context, weight?, profile?}``."""
-        if datasets:
-            self._client.log_inputs(self.run_id, datasets=[dataset_input(**d) for d in datasets])
+        column): :func:`dataset_input` of each ``{name, path, context, weight?, profile?}``.
+
+        Two jobs that start together (the DAG runs SFT jobs side by side) record the same
+        split, so the same dataset row, at the same moment: MLflow's SQL store looks the row
+        up, finds none in either job, and the second insert fails its unique key. The row
+        exists then, so a retry links it instead of failing the training job."""
+        if not datasets:
+            return
+        from mlflow.exceptions import MlflowException
+
+        inputs = [dataset_input(**d) for d in datasets]
+        for attempt in range(_DATASET_RETRIES):
+            try:
+                self._client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as exc:
+                if not _is_unique_violation(exc) or attempt == _DATASET_RETRIES - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.owns_run and not self._ended:

@@ -88,3 +88,64 @@ def test_non_zero_rank_does_not_log(tmp_path, monkeypatch):
     with job(_fake_snakemake(tmp_path), results_dir=str(tmp_path / "results")) as (_, tracker):
         assert isinstance(tracker, NullTracker) and not isinstance(tracker, Tracker)
     assert not (tmp_path / "results" / "mlflow.db").exists()
+
+
+def test_parallel_jobs_recording_the_same_dataset_do_not_fail(tmp_path, monkeypatch):
+    """Two jobs started together record the same split: MLflow's SQL store checks for the
+    dataset row, both find none, the second insert hits the unique key. log_datasets
+    retries; the row exists by then and is linked. Here the clash is forced: the first
+    attempt lets the other job's insert land, then fails the way SQLite does."""
+    from mlflow.exceptions import MlflowException
+
+    from poserft.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    split = tmp_path / "train.h5"
+    split.write_bytes(b"x" * 64)
+    ds = [{"name": "synthetic/train", "path": str(split), "context": "train"}]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    kw = dict(tracking_uri=uri, results_dir=str(tmp_path))
+    first = Tracker("poserft-race", "sft-a", **kw)
+    other = Tracker("poserft-race", "sft-b", **kw)
+    real = first._client.log_inputs
+    calls = []
+
+    def clash_once(run_id, datasets=None, **k):
+        calls.append(run_id)
+        if len(calls) == 1:
+            other.log_datasets(ds)          # the parallel job's insert lands first
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                  "datasets.experiment_id, datasets.name, datasets.digest")
+        return real(run_id, datasets=datasets, **k)
+
+    monkeypatch.setattr(first._client, "log_inputs", clash_once)
+    first.log_datasets(ds)
+    assert len(calls) == 2
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for t in (first, other):
+        (inp,) = client.get_run(t.run_id).inputs.dataset_inputs
+        assert inp.dataset.name == "synthetic/train"
+
+    # any other MLflow error is not retried; a clash that never clears ends in the error
+    def broken(run_id, datasets=None, **k):
+        calls.append(run_id)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run")
+
+    monkeypatch.setattr(first._client, "log_inputs", broken)
+    calls.clear()
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        first.log_datasets(ds)
+    assert len(calls) == 1
+
+    def always_clash(run_id, datasets=None, **k):
+        calls.append(run_id)
+        raise MlflowException("UNIQUE constraint failed: datasets.name")
+
+    monkeypatch.setattr(first._client, "log_inputs", always_clash)
+    monkeypatch.setattr("poserft.tracking.time.sleep", lambda s: None)
+    calls.clear()
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        first.log_datasets(ds)
+    assert len(calls) == 4
+    first.end()
+    other.end()
