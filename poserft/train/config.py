@@ -81,7 +81,9 @@ class SFTConfig(Section):
     prompt_lm_weight: float = option(
         0.0, "Weight of a next-token cross-entropy on the prompts' own text (captions, "
              "questions; image slots excluded): language-model training for an LLM that "
-             "starts untrained (the embedded world). 0 = off.", minimum=0.0)
+             "starts untrained (the embedded world). 0 = off; 0.5 lowered text->pose "
+             "PA-MPJPE by 2-6 mm on seeds whose text path had not converged but cost the "
+             "seed that had (docs/embedded_world.md, section 13).", minimum=0.0)
     pose_weight: float = option(1.0, "Weight of the pose loss (Gaussian NLL per dim, or 6D MSE "
                                 "for the deterministic head).", minimum=0.0)
     joint_weight: float = option(1.0, "Weight of the FK joint-position loss (metres).", minimum=0.0)
