@@ -15,8 +15,9 @@ is the greedy answer with the head's mean pose; more samples are drawn at
 Errors (missing or truncated checkpoint, corrupt tokenizer.json, unreadable image, wrong
 image kind, empty ``--text``, an ``--out``/``--render`` file that cannot be written) print one
 line naming the path and the fix, and exit with status 1; nothing is written then (``--out``
-and ``--render`` are written both or neither). An image much smaller than the model's vision input (a side under 8 px or under
-a quarter of the input side) gets a one-line warning on stderr; the pose is still generated.
+and ``--render`` are written both or neither). An image much smaller than the model's
+vision input (a side under 8 px or under a quarter of the input side) gets a one-line
+warning on stderr; the pose is still generated.
 """
 
 from __future__ import annotations
