@@ -84,6 +84,13 @@ def test_generate_image_samples(checkpoint, tmp_path, capsys):
                      "--max-new-tokens", "4"]) == 0
 
 
+def _commands_reading(checkpoint, out):
+    """Every CLI command that reads a checkpoint: info, info --json, generate --out."""
+    return (["info", str(checkpoint)], ["info", str(checkpoint), "--json"],
+            ["generate", "--text", "The person is squatting.", "--checkpoint", str(checkpoint),
+             "--out", str(out)])
+
+
 def _error(capsys, argv) -> str:
     rc = main(argv)
     err = capsys.readouterr().err.strip()
@@ -157,9 +164,7 @@ def test_truncated_weights_are_one_line_errors(checkpoint, tmp_path, capsys, kee
     data = weights.read_bytes()
     weights.write_bytes(data[:max(1, int(len(data) * keep))])
     out = tmp_path / "p.npz"
-    for argv in (["info", str(ck)], ["info", str(ck), "--json"],
-                 ["generate", "--text", "The person is squatting.", "--checkpoint", str(ck),
-                  "--out", str(out)]):
+    for argv in _commands_reading(ck, out):
         err = _error(capsys, argv)
         assert f"{weights}: truncated or corrupt" in err, err
         assert "save_policy" in err and "rerun" in err and "Traceback" not in err
@@ -270,9 +275,7 @@ def test_corrupt_tokenizer_is_a_one_line_error(checkpoint, tmp_path, capsys, gar
     tok = ck / "tokenizer.json"
     tok.write_bytes(garbage)
     out = tmp_path / "p.npz"
-    for argv in (["info", str(ck)], ["info", str(ck), "--json"],
-                 ["generate", "--text", "The person is squatting.", "--checkpoint", str(ck),
-                  "--out", str(out)]):
+    for argv in _commands_reading(ck, out):
         err = _error(capsys, argv)
         assert f"{tok}: cannot be read (" in err, err
         assert "save_policy" in err and "copy tokenizer.json" in err

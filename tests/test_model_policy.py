@@ -15,6 +15,13 @@ def _images(b, size=16, seed=0):
     return torch.randint(0, 256, (b, size, size, 3), generator=g, dtype=torch.uint8)
 
 
+def _full_sequence(policy, prompts, images, completion_ids, completion_mask):
+    """(hidden (B,Tp+Tc,D), Tp) of one row per prompt through the full teacher-forced path."""
+    inputs, row_map = policy._prompt_inputs(prompts, images, torch.arange(len(prompts)))
+    return (policy._full_hidden(inputs, row_map, completion_ids, completion_mask),
+            inputs["input_ids"].shape[1])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny policy after a few SFT steps on the toy split, so it emits <POSE>."""
@@ -171,8 +178,8 @@ def test_sft_loss_components_match_independent_computation(trained):
         lm_only, _ = policy.sft_loss(batch, lm_weight=1.0, pose_weight=0.0, joint_weight=0.0)
         rows = batch["has_pose"].nonzero().flatten()
         # recompute the pose distribution via score() on a rollout-shaped input
-        hidden, tp = policy._teacher_forced(batch["prompts"], batch["images"],
-                                            torch.arange(6), batch["completion_ids"], batch["completion_mask"])
+        hidden, tp = _full_sequence(policy, batch["prompts"], batch["images"],
+                                    batch["completion_ids"], batch["completion_mask"])
         dist = policy.pose_head(policy._pose_hidden(hidden, tp, batch["pose_token_pos"]))[rows]
         target = batch["poses"][rows]
         # joints through the axis-angle interface of the body model (independent path)
@@ -313,8 +320,8 @@ def test_deterministic_head_policy(tmp_path):
                              torch.randn(1, 144), torch.tensor([True]))
     loss, m = policy.sft_loss(batch, lm_weight=0.0, pose_weight=1.0, joint_weight=0.0)
     dist = policy.pose_head(policy._pose_hidden(
-        *policy._teacher_forced(prompts, _images(1), torch.arange(1), batch["completion_ids"],
-                                batch["completion_mask"]), batch["pose_token_pos"]))
+        *_full_sequence(policy, prompts, _images(1), batch["completion_ids"],
+                        batch["completion_mask"]), batch["pose_token_pos"]))
     torch.testing.assert_close(loss, ((dist.mean - batch["poses"]) ** 2).mean())
     assert "pose_nll" not in m
 

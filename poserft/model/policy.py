@@ -596,18 +596,6 @@ class PoseMLLM(nn.Module):
                           use_cache=True).last_hidden_state                      # (N,Tc,D)
         return torch.cat([last.unsqueeze(1), hidden.to(last.dtype)], dim=1)
 
-    def _teacher_forced(self, prompts: list[str], images, prompt_index: torch.Tensor,
-                        completion_ids: torch.Tensor, completion_mask: torch.Tensor):
-        """Forward prompt+completion; prompt/vision work done once per distinct prompt, the
-        LLM over every row's full sequence (the SFT loss: one row per prompt, so there is
-        no prefix to share).
-
-        Returns (hidden (N,Tp+Tc,D), Tp).
-        """
-        batch, row_map = self._prompt_inputs(prompts, images, prompt_index)
-        return (self._full_hidden(batch, row_map, completion_ids, completion_mask),
-                batch["input_ids"].shape[1])
-
     def _llm_checkpointing_active(self) -> bool:
         """True when HF activation checkpointing runs in the LLM now: a module flagged for
         it (own attribute: peft wrappers forward attribute reads) and in training mode.

@@ -42,9 +42,24 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
 
 
-def _group_normalised(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    # one group: the GRPO advantage of poserft.rl.core.grpo_advantage (centred, / std)
-    return (rewards - rewards.mean()) / (rewards.std() + eps)
+def _one_group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(G,) rewards of one prompt -> the trainer's GRPO advantages (rft defaults)."""
+    from poserft.rl.core import grpo_advantage
+
+    adv, _ = grpo_advantage(rewards, torch.zeros(rewards.shape[0], dtype=torch.long))
+    return adv
+
+
+def _float64_sampling(reward_fn: Callable[[torch.Tensor], torch.Tensor], k: int,
+                      generator: torch.Generator | None):
+    """(reward: (M,k) -> (M,) float64, randn: n -> (n,k) float64 standard normal draws)."""
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        return reward_fn(x).double().reshape(-1)
+
+    def randn(n: int) -> torch.Tensor:
+        return torch.randn(n, k, dtype=torch.float64, generator=generator)
+
+    return reward, randn
 
 
 def score_gradient_alignment(reward_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -73,14 +88,7 @@ def score_gradient_alignment(reward_fn: Callable[[torch.Tensor], torch.Tensor],
     if reference_pairs < 4 or trials < 1:
         raise ValueError(f"reference_pairs ({reference_pairs}) >= 4 and trials ({trials}) >= 1")
     mean, std = mean.double(), std.double()
-    k = mean.shape[0]
-
-    def randn(n: int) -> torch.Tensor:
-        return torch.randn(n, k, dtype=torch.float64, generator=generator)
-
-    def reward(x: torch.Tensor) -> torch.Tensor:
-        return reward_fn(x).double().reshape(-1)
-
+    reward, randn = _float64_sampling(reward_fn, mean.shape[0], generator)
     reference, reliability, odd_share = _reference_gradient(reward, mean, std, reference_pairs, randn)
     raw = []
     for _ in range(trials):
@@ -89,7 +97,7 @@ def score_gradient_alignment(reward_fn: Callable[[torch.Tensor], torch.Tensor],
             e = torch.cat([h, -h])
         else:
             e = randn(group_size)
-        adv = _group_normalised(reward(mean + std * e))
+        adv = _one_group_advantages(reward(mean + std * e))
         raw.append(_cos((adv[:, None] * e).mean(0) / std, reference))
     cos_raw = float(np.mean(raw))
     return {"cos": _corrected(cos_raw, reliability), "cos_raw": cos_raw,
@@ -134,14 +142,8 @@ def shift_alignment(reward_fn: Callable[[torch.Tensor], torch.Tensor], mean: tor
         raise ValueError(f"mean {tuple(mean.shape)}, std {tuple(std.shape)} and new_mean "
                          f"{tuple(new_mean.shape)} must be equal (k,)")
     mean, std, new_mean = mean.double(), std.double(), new_mean.double()
-    k = mean.shape[0]
-
-    def reward(x: torch.Tensor) -> torch.Tensor:
-        return reward_fn(x).double().reshape(-1)
-
-    reference, reliability, _ = _reference_gradient(
-        reward, mean, std, reference_pairs,
-        lambda n: torch.randn(n, k, dtype=torch.float64, generator=generator))
+    reward, randn = _float64_sampling(reward_fn, mean.shape[0], generator)
+    reference, reliability, _ = _reference_gradient(reward, mean, std, reference_pairs, randn)
     shift = new_mean - mean
     return {"shift_cos": _corrected(_cos(shift, reference), reliability),
             "shift_cos_raw": _cos(shift, reference), "reference_reliability": reliability,
